@@ -1,0 +1,51 @@
+# dedupblk: set-up, main job and tests for a fresh Debian 12 machine (run as root).
+#   make demo   set everything up, serve a store and run the main job
+#   make test   set everything up, lint, type-check and run every test tier
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd qemu-utils fio \
+	qemu-system-x86 busybox-static e2fsprogs util-linux xz-utils cpio kmod python3-venv python3-dev
+STAMP := .venv/.installed
+
+.PHONY: setup apt venv demo test lint unit nbd vm bench clean
+
+setup: apt venv
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+	    | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "apt: installing $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# The venv must come from Debian's /usr/bin/python3: nbdkit's Python plugin embeds that interpreter.
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	/usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check dedupblk tests bench
+	$(VENV)/bin/mypy dedupblk
+
+unit: setup
+	$(PY) -m pytest -q tests/unit
+
+test: setup
+	$(VENV)/bin/ruff check dedupblk tests bench
+	$(VENV)/bin/mypy dedupblk
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) -m dedupblk.demo
+
+bench: setup
+	$(PY) -m dedupblk.bench
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,264 @@
+"""The ``dedupblk`` command: parse, call the store or a frontend, format.
+
+Errors are translated in one place (`_Group.invoke`): a `StoreError` becomes one line on stderr
+and its exit code; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import click
+
+from .store import (
+    InvalidRequest,
+    StoreError,
+    check_store,
+    create_store,
+    open_store,
+    parse_size,
+    read_statistics,
+)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StoreError as exc:
+            click.echo(f"dedupblk: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+class SizeType(click.ParamType[int, Any]):
+    """Bytes, with an optional K/M/G/T suffix (binary units)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except InvalidRequest as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = SizeType()
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dedupblk")
+def main() -> None:
+    """A deduplicating block device: identical 4 KiB pages are stored once."""
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@click.option("--size", type=SIZE, required=True, help="Device size, e.g. 4G (multiple of 4K).")
+@click.option("--backend", type=click.Path(), help="File or block device for the slots.")
+@click.option("--backend-size", type=SIZE, help="Capacity of a new backend file.")
+@click.option("--max-index-entries", type=click.IntRange(min=1), help="Bound the dedup index.")
+@click.option("--max-share", type=click.IntRange(min=1), default=254, show_default=True,
+              help="Most pages that may share one slot.")
+def create(
+    store: str,
+    size: int,
+    backend: str | None,
+    backend_size: int | None,
+    max_index_entries: int | None,
+    max_share: int,
+) -> None:
+    """Create an empty store of SIZE bytes in the new or empty directory STORE."""
+    create_store(
+        store,
+        size,
+        backend=backend,
+        backend_size=backend_size,
+        max_index_entries=max_index_entries,
+        max_share=max_share,
+    )
+    click.echo(f"created {store}: {size} bytes")
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(store: str, as_json: bool) -> None:
+    """Show a store's format and configuration."""
+    config, _ = read_statistics(store)
+    record = {
+        "format_version": 1,
+        "size_bytes": config.size,
+        "page_size": config.page_size,
+        "fingerprint": "xxh3-128",
+        "backend": config.backend or "(store)/slots",
+        "slot_capacity": config.slot_capacity - 1,
+        "max_index_entries": config.max_index_entries or None,
+        "max_share": config.max_share,
+        "uuid": config.uuid.hex(),
+    }
+    _print(record, as_json)
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def stats(store: str, as_json: bool) -> None:
+    """Show usage; works while another process serves the store."""
+    _, statistics = read_statistics(store)
+    _print(asdict(statistics), as_json)
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--repair", is_flag=True, help="Fix what can be fixed from the mappings.")
+def check(store: str, as_json: bool, repair: bool) -> None:
+    """Verify every invariant of STORE; exit 1 if any is broken."""
+    bar: Any = None
+    progress: Callable[[int], None] | None = None
+    on_total: Callable[[int], None] | None = None
+    if sys.stderr.isatty() and not as_json:
+
+        def start(total: int) -> None:
+            nonlocal bar
+            bar = click.progressbar(length=total, label="checking", file=sys.stderr)
+            bar.__enter__()
+
+        def step(n: int) -> None:
+            if bar is not None:
+                bar.update(n)
+
+        progress, on_total = step, start
+    try:
+        result = check_store(store, repair=repair, progress=progress, on_total=on_total)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "clean": not result.problems,
+                    "repaired": result.repaired,
+                    "checks": list(result.checks),
+                    "problems": [asdict(p) for p in result.problems],
+                },
+                indent=2,
+            )
+        )
+    else:
+        for problem in result.problems:
+            click.echo(f"{problem.check}: {problem.message}")
+        if not result.problems:
+            click.echo(f"clean: {len(result.checks)} checks passed ({', '.join(result.checks)})")
+        elif result.repaired:
+            click.echo(f"repaired {len(result.problems)} problems; run check again to confirm")
+    if result.problems and not result.repaired:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@click.option("--frontend", type=click.Choice(["nbd", "ublk"]), default="nbd", show_default=True)
+@click.option("--socket", "socket_path", type=click.Path(), help="nbd: Unix socket path.")
+@click.option("--port", type=click.IntRange(1, 65535), help="nbd: serve TCP on this port.")
+@click.option("--bind", help="nbd: TCP address (default localhost).")
+@click.option("--readonly", is_flag=True, help="nbd: serve read-only.")
+@click.option("--foreground", is_flag=True, help="nbd: stay in the foreground.")
+@click.option("--tls", type=click.Choice(["off", "on", "require"]), help="nbd: nbdkit --tls.")
+@click.option("--tls-certificates", type=click.Path(), help="nbd: nbdkit --tls-certificates.")
+@click.option("--queues", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="ublk: hardware queues.")
+@click.option("--depth", type=click.IntRange(1, 4096), default=64, show_default=True,
+              help="ublk: queue depth.")
+@click.option("--dev-id", type=click.IntRange(min=0), help="ublk: device id (default: any).")
+@click.option("--swap", is_flag=True, help="ublk: mkswap and swapon the device.")
+@click.option("--swap-priority", type=int, help="ublk: swapon priority.")
+@click.option("--swap-discard", is_flag=True, help="ublk: swapon --discard.")
+@click.option("--recover", type=click.IntRange(min=0), help="ublk: reattach to this device id.")
+def serve(store: str, frontend: str, **options: Any) -> None:
+    """Serve STORE as a block device over NBD (nbdkit) or ublk."""
+    nbd_only = ("socket_path", "port", "bind", "readonly", "foreground", "tls", "tls_certificates")
+    if frontend == "nbd":
+        from .frontends import nbd_server  # noqa: PLC0415  (frontends load only when served)
+
+        code = nbd_server.serve(
+            store,
+            socket=options["socket_path"],
+            port=options["port"],
+            bind=options["bind"],
+            readonly=options["readonly"],
+            foreground=options["foreground"],
+            tls=options["tls"],
+            tls_certificates=options["tls_certificates"],
+        )
+    else:
+        given = [name for name in nbd_only if options[name]]
+        if given:
+            raise InvalidRequest(f"--{given[0].replace('_', '-')} is an nbd option")
+        from .frontends import ublk  # noqa: PLC0415
+
+        code = ublk.serve(
+            store,
+            queues=options["queues"],
+            depth=options["depth"],
+            dev_id=options["dev_id"],
+            swap=options["swap"],
+            swap_priority=options["swap_priority"],
+            swap_discard=options["swap_discard"],
+            recover=options["recover"],
+        )
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--cleanup", is_flag=True, help="Delete ublk devices whose server is gone.")
+def devices(cleanup: bool) -> None:
+    """List ublk devices and their state."""
+    from .frontends import ublk  # noqa: PLC0415
+
+    if cleanup:
+        for dev_id in ublk.cleanup_devices():
+            click.echo(f"deleted ublk device {dev_id}")
+        return
+    for device in ublk.list_devices():
+        click.echo(str(device))
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """In-process store benchmark (see python -m dedupblk.bench --help)."""
+    from . import bench as bench_module  # noqa: PLC0415
+
+    sys.exit(bench_module.main(list(args)))
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@click.argument("offset", type=SIZE)
+@click.argument("length", type=SIZE)
+def dump(store: str, offset: int, length: int) -> None:
+    """Write LENGTH bytes of the device at OFFSET to stdout (for scripts)."""
+    with open_store(store, readonly=True) as opened:
+        sys.stdout.buffer.write(opened.read(offset, length))
+
+
+def _print(record: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+        return
+    width = max(len(key) for key in record)
+    for key, value in record.items():
+        shown = f"{value:.2f}" if isinstance(value, float) else str(value)
+        click.echo(f"{key:<{width}}  {shown}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""The backend: 4 KiB slots in a data file or a block device (see `dedupblk.store.format`).
+
+Slot data is written with ``pwrite``/``pwritev`` and read with ``pread``; nothing is cached here.
+Durability: `Backend.sync` is ``fdatasync``; a write that returned is in the page cache (a file) or
+the device (``/dev/zram0``) and survives a kill of this process, not a power loss before `sync`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import stat
+import struct
+from collections.abc import Iterable, Sequence
+
+from .errors import BackendError, BackendMismatch, StoreFull
+from .format import BACKEND_HEADER, BACKEND_MAGIC, FORMAT_VERSION, HEADER_SLOT, PAGE_SIZE
+
+BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t)
+BLKDISCARD = 0x1277  # _IO(0x12, 119)
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+IOV_MAX = 1024
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def device_size(fd: int) -> int:
+    """Size in bytes of an open block device or regular file."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        buf = bytearray(8)
+        fcntl.ioctl(fd, BLKGETSIZE64, buf)
+        size: int = struct.unpack("<Q", buf)[0]
+        return size
+    return st.st_size
+
+
+def runs(slots: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted slot numbers folded into (first, count) runs of consecutive slots."""
+    out: list[tuple[int, int]] = []
+    for slot in sorted(slots):
+        if out and out[-1][0] + out[-1][1] == slot:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((slot, 1))
+    return out
+
+
+class Backend:
+    """Slots of one backend file or block device, opened for the life of a store."""
+
+    def __init__(self, path: str, *, readonly: bool) -> None:
+        self.path = path
+        self.readonly = readonly
+        try:
+            self.fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
+        except FileNotFoundError:
+            raise BackendMismatch(f"backend {path} is missing") from None
+        except OSError as exc:
+            raise BackendError(f"cannot open backend {path}: {exc.strerror}") from exc
+        self.is_block = stat.S_ISBLK(os.fstat(self.fd).st_mode)
+
+    @classmethod
+    def create(cls, path: str, capacity_bytes: int | None, uuid: bytes) -> Backend:
+        """Create (regular file) or adopt (block device, existing file) a backend; write the header.
+
+        A new data file is sparse; its size is fixed here and is the slot capacity.
+        """
+        if not os.path.exists(path):
+            if capacity_bytes is None:
+                raise BackendMismatch(f"backend {path} does not exist")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, capacity_bytes)
+            finally:
+                os.close(fd)
+        backend = cls(path, readonly=False)
+        if not backend.is_block and capacity_bytes is not None:
+            current = device_size(backend.fd)
+            if current < capacity_bytes:
+                os.ftruncate(backend.fd, capacity_bytes)
+        backend.write_slot(HEADER_SLOT, _header_page(uuid))
+        return backend
+
+    def capacity_slots(self) -> int:
+        return device_size(self.fd) // PAGE_SIZE
+
+    def check_header(self, uuid: bytes) -> None:
+        """Refuse a backend whose header does not name this store."""
+        raw = os.pread(self.fd, BACKEND_HEADER.size, HEADER_SLOT * PAGE_SIZE)
+        if len(raw) < BACKEND_HEADER.size:
+            raise BackendMismatch(f"backend {self.path} is too small to be this store's")
+        magic, version, found = BACKEND_HEADER.unpack(raw)
+        if magic != BACKEND_MAGIC:
+            raise BackendMismatch(f"backend {self.path} has no dedupblk header")
+        if version != FORMAT_VERSION:
+            raise BackendMismatch(f"backend {self.path} has unknown format version {version}")
+        if found != uuid:
+            raise BackendMismatch(f"backend {self.path} belongs to another store")
+
+    def read_slot(self, slot: int) -> bytes:
+        try:
+            data = os.pread(self.fd, PAGE_SIZE, slot * PAGE_SIZE)
+        except OSError as exc:
+            raise BackendError(f"reading slot {slot}: {exc.strerror}") from exc
+        if len(data) != PAGE_SIZE:
+            raise BackendError(f"short read of slot {slot} ({len(data)} bytes)")
+        return data
+
+    def write_slot(self, slot: int, data: bytes) -> None:
+        self.write_slots([(slot, data)])
+
+    def write_slots(self, items: Sequence[tuple[int, bytes]]) -> None:
+        """Write (slot, page) pairs, one ``pwritev`` per run of consecutive slots."""
+        ordered = sorted(items)
+        i = 0
+        while i < len(ordered):
+            first = ordered[i][0]
+            j = i + 1
+            while j < len(ordered) and ordered[j][0] == first + (j - i) and j - i < IOV_MAX:
+                j += 1
+            buffers = [data for _, data in ordered[i:j]]
+            try:
+                done = os.pwritev(self.fd, buffers, first * PAGE_SIZE)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise StoreFull(f"backend {self.path} is full: {exc.strerror}") from exc
+                raise BackendError(f"writing slot {first}: {exc.strerror}") from exc
+            if done != PAGE_SIZE * (j - i):
+                raise BackendError(f"short write at slot {first}")
+            i = j
+
+    def discard(self, slots: Iterable[int]) -> None:
+        """Give the space of dead slots back: punch holes in a file, BLKDISCARD on a device.
+
+        Best effort: a backend that cannot discard keeps the space, and nothing is lost.
+        """
+        for first, count in runs(slots):
+            offset, length = first * PAGE_SIZE, count * PAGE_SIZE
+            if self.is_block:
+                try:
+                    fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("<QQ", offset, length))
+                except OSError as exc:
+                    if exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+                        return
+                    raise BackendError(f"discarding slots at {first}: {exc.strerror}") from exc
+            else:
+                mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+                if _fallocate(self.fd, mode, offset, length) != 0:
+                    err = ctypes.get_errno()
+                    if err == errno.EOPNOTSUPP:
+                        return
+                    raise BackendError(f"punching slots at {first}: {os.strerror(err)}")
+
+    def allocated_bytes(self) -> int | None:
+        """Bytes the backend file occupies on its filesystem (None for a block device)."""
+        if self.is_block:
+            return None
+        return os.fstat(self.fd).st_blocks * 512
+
+    def sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            raise BackendError(f"syncing backend {self.path}: {exc.strerror}") from exc
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _header_page(uuid: bytes) -> bytes:
+    header = BACKEND_HEADER.pack(BACKEND_MAGIC, FORMAT_VERSION, uuid)
+    return header + bytes(PAGE_SIZE - len(header))

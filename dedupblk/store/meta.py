@@ -1,0 +1,144 @@
+"""The LMDB metadata accessor: opens the environment and its sub-databases, decodes the records of
+`dedupblk.store.format`, and grows the map when LMDB runs out of map space.
+
+Commits are not synced (``MDB_NOSYNC``): a committed transaction is in the page cache and survives a
+kill of the process; `Meta.sync` makes everything committed durable. The store calls it on flush.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import lmdb
+
+from .errors import FormatError, NotAStore, StoreError
+from .format import (
+    ALL_DBS,
+    DB_AGE,
+    DB_DEFERRED,
+    DB_FREE,
+    DB_INDEX,
+    DB_INFO,
+    DB_MAP,
+    DB_REFS,
+    FORMAT,
+    FORMAT_MAGIC,
+    FORMAT_VERSION,
+    KEY_CONFIG,
+    KEY_FORMAT,
+    KEY_STATE,
+    Config,
+    State,
+)
+
+INITIAL_MAP_SIZE = 64 << 20
+# LMDB forbids opening one environment twice in a process, so statistics taken while this process
+# serves the store must reuse the open environment: the only module-level state in the store.
+_OPEN: dict[str, Meta] = {}
+META_DIR = "meta"
+T = TypeVar("T")
+
+
+class Meta:
+    """One store's LMDB environment and its sub-databases."""
+
+    def __init__(self, store_dir: str, *, readonly: bool, create: bool = False) -> None:
+        path = os.path.join(store_dir, META_DIR)
+        if not create and not os.path.exists(os.path.join(path, "data.mdb")):
+            raise NotAStore(f"{store_dir} is not a dedupblk store (no {META_DIR}/data.mdb)")
+        try:
+            self.env = lmdb.open(
+                path,
+                map_size=INITIAL_MAP_SIZE,
+                max_dbs=len(ALL_DBS),
+                readonly=readonly,
+                sync=False,
+                metasync=False,
+                readahead=False,
+                create=create,
+                subdir=True,
+            )
+        except lmdb.Error as exc:
+            raise NotAStore(f"{store_dir}: cannot open its metadata: {exc}") from exc
+        try:
+            self.dbs = {name: self.env.open_db(name, create=not readonly) for name in ALL_DBS}
+        except lmdb.NotFoundError:
+            self.env.close()
+            raise NotAStore(f"{store_dir} is not a dedupblk store (no sub-databases)") from None
+        self.info = self.dbs[DB_INFO]
+        self.map = self.dbs[DB_MAP]
+        self.refs = self.dbs[DB_REFS]
+        self.index = self.dbs[DB_INDEX]
+        self.age = self.dbs[DB_AGE]
+        self.free = self.dbs[DB_FREE]
+        self.deferred = self.dbs[DB_DEFERRED]
+        self._key = os.path.realpath(path)
+        _OPEN[self._key] = self
+
+    @staticmethod
+    def opened(store_dir: str) -> Meta | None:
+        """The environment of ``store_dir`` if this process has it open."""
+        return _OPEN.get(os.path.realpath(os.path.join(store_dir, META_DIR)))
+
+    def read_header(self, store_dir: str) -> tuple[Config, State]:
+        """Decode format, config and state; refuse a foreign or newer store."""
+        with self.env.begin() as txn:
+            raw_format = txn.get(KEY_FORMAT, db=self.info)
+            raw_config = txn.get(KEY_CONFIG, db=self.info)
+            raw_state = txn.get(KEY_STATE, db=self.info)
+        if raw_format is None or raw_config is None or raw_state is None:
+            raise NotAStore(f"{store_dir} is not a dedupblk store (no format record)")
+        try:
+            magic, version = FORMAT.unpack(raw_format)
+        except Exception as exc:
+            raise FormatError(f"{store_dir}: undecodable format record") from exc
+        if magic != FORMAT_MAGIC:
+            raise NotAStore(f"{store_dir} is not a dedupblk store (bad magic)")
+        if version != FORMAT_VERSION:
+            raise FormatError(f"{store_dir} has format version {version}; this is {FORMAT_VERSION}")
+        try:
+            return Config.unpack(raw_config), State.unpack(raw_state)
+        except Exception as exc:
+            raise FormatError(f"{store_dir}: undecodable config or state record") from exc
+
+    def write(self, body: Callable[[Any], T]) -> T:
+        """Run ``body(txn)`` in one write transaction and commit it, growing the map when full.
+
+        ``body`` must be safe to run again from the start: on ``MapFullError`` the transaction is
+        aborted (nothing of it is kept), the map doubles and ``body`` runs anew.
+        """
+        while True:
+            txn = self.env.begin(write=True)
+            try:
+                result = body(txn)
+                txn.commit()
+            except lmdb.MapFullError:
+                txn.abort()
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                continue
+            except BaseException:
+                txn.abort()
+                raise
+            return result
+
+    def entries(self, txn: Any, db: Any) -> int:
+        count: int = txn.stat(db)["entries"]
+        return count
+
+    def used_bytes(self) -> int:
+        info = self.env.info()
+        stat = self.env.stat()
+        return int((info["last_pgno"] + 1) * stat["psize"])
+
+    def sync(self) -> None:
+        try:
+            self.env.sync(True)
+        except lmdb.Error as exc:
+            raise StoreError(f"syncing metadata: {exc}") from exc
+
+    def close(self) -> None:
+        if _OPEN.get(self._key) is self:
+            del _OPEN[self._key]
+        self.env.close()

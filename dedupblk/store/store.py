@@ -1,0 +1,888 @@
+"""The `Store` API: a block device of 4 KiB pages over refcounted, deduplicated slots.
+
+The on-disk format, its invariants and the write order are specified once in
+`dedupblk.store.format`. This module implements them.
+
+Group commit: `Store.write` classifies pages and keeps them in a bounded buffer of pending pages
+(`GROUP_PAGES` pages or `GROUP_SECONDS` seconds, whichever comes first; a background thread
+commits a batch that waited its time). `Store.commit` applies the buffer in one LMDB write
+transaction; `Store.flush` commits and makes everything durable. Reads see pending pages. A kill
+of the process loses only pages still pending, which read back afterwards as their old content.
+
+Every public method takes the store's lock, so any thread may call any method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import stat
+import threading
+import time
+import uuid as uuidlib
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from .backend import Backend
+from .errors import (
+    BackendMismatch,
+    InvalidRequest,
+    NotAStore,
+    ReadOnlyStore,
+    StoreError,
+    StoreExists,
+    StoreFull,
+    StoreLocked,
+)
+from .fingerprint import DATA, FILL, ZERO, ZERO_PAGE, FingerprintFn, classify, fill_page, xxh3_128
+from .format import (
+    DEFAULT_MAX_SHARE,
+    FINGERPRINT_XXH3_128,
+    FIRST_DATA_SLOT,
+    FORMAT,
+    FORMAT_MAGIC,
+    FORMAT_VERSION,
+    INDEX_ENTRY,
+    KEY_CONFIG,
+    KEY_FORMAT,
+    KEY_STATE,
+    KIND_FILL,
+    KIND_SLOT,
+    MAP_ENTRY,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    REF,
+    U64BE,
+    Config,
+    State,
+    key_int,
+)
+from .meta import Meta
+
+log = logging.getLogger(__name__)
+
+GROUP_PAGES = 1024  # pages buffered before a commit (4 MiB)
+GROUP_SECONDS = 0.05  # longest a buffered page waits for its commit
+DEFERRED_LIMIT = 1 << 16  # freed-but-not-durable slots before a commit forces a flush
+DATA_FILE = "slots"
+LOCK_FILE = "lock"
+
+# A pending page: (kind, fill word, page bytes for DATA).
+Pending = tuple[int, int, bytes | None]
+_ZERO_PENDING: Pending = (ZERO, 0, None)
+_pack_u64 = U64BE.pack
+_unpack_map = MAP_ENTRY.unpack
+_pack_map = MAP_ENTRY.pack
+_unpack_ref = REF.unpack
+_pack_ref = REF.pack
+_unpack_index = INDEX_ENTRY.unpack
+_pack_index = INDEX_ENTRY.pack
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """A consistent snapshot of a store's usage (the JSON keys of ``dedupblk stats``)."""
+
+    size_bytes: int
+    page_size: int
+    mapped_pages: int
+    same_filled_pages: int
+    stored_pages: int
+    index_entries: int
+    dedup_ratio: float
+    saved_bytes: int
+    data_bytes: int
+    metadata_bytes: int
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``4096``, ``64K``, ``512M``, ``2G``, ``1T`` (binary units)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    suffix = value[-1:] if value[-1:] in units else ""
+    number = value[: len(value) - len(suffix)]
+    if not number.isdigit():
+        raise InvalidRequest(f"bad size {text!r}: expected a number with an optional K/M/G/T")
+    return int(number) * units[suffix]
+
+
+def _fs_is_tmpfs(path: str) -> bool:
+    with contextlib.suppress(OSError), open("/proc/self/mounts") as mounts:
+        best = ""
+        fstype = ""
+        real = os.path.realpath(path)
+        for line in mounts:
+            fields = line.split()
+            mnt = fields[1]
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, fstype = mnt, fields[2]
+        return fstype == "tmpfs"
+    return False
+
+
+def create_store(
+    path: str | os.PathLike[str],
+    size: int,
+    *,
+    backend: str | None = None,
+    backend_size: int | None = None,
+    max_index_entries: int | None = None,
+    max_share: int = DEFAULT_MAX_SHARE,
+) -> None:
+    """Create an empty store of ``size`` bytes at ``path`` (a new or empty directory).
+
+    ``backend`` names a file or block device to hold the slots instead of ``path/slots``;
+    ``backend_size`` sets the capacity of a new data file (default: the header slot, the device
+    size and a quarter more; the file is sparse). If creation fails part-way, the partial
+    directory is removed; an existing store is never touched.
+    """
+    store_dir = os.fspath(path)
+    if size <= 0 or size % PAGE_SIZE:
+        raise InvalidRequest(f"bad size {size}: must be a positive multiple of {PAGE_SIZE}")
+    if max_share < 1 or max_share > 0xFFFFFFFF:
+        raise InvalidRequest(f"bad max-share {max_share}: must be at least 1")
+    if max_index_entries is not None and max_index_entries < 1:
+        raise InvalidRequest(f"bad max-index-entries {max_index_entries}: must be at least 1")
+    if backend_size is not None and (backend_size < 2 * PAGE_SIZE or backend_size % PAGE_SIZE):
+        raise InvalidRequest(
+            f"bad backend size {backend_size}: a multiple of {PAGE_SIZE}, at least two slots"
+        )
+    if os.path.exists(store_dir):
+        if not os.path.isdir(store_dir):
+            raise StoreExists(f"{store_dir} exists and is not a directory")
+        if os.listdir(store_dir):
+            raise StoreExists(f"{store_dir} exists and is not empty")
+        made_dir = False
+    else:
+        try:
+            os.makedirs(store_dir)
+        except OSError as exc:
+            raise StoreError(f"cannot create {store_dir}: {exc.strerror}") from exc
+        made_dir = True
+    store_uuid = uuidlib.uuid4().bytes
+    backend_path = os.path.abspath(backend) if backend else ""
+    try:
+        data_path = backend_path or os.path.join(store_dir, DATA_FILE)
+        capacity = backend_size
+        if capacity is None and not backend_path:
+            # The data file is sparse, so headroom costs nothing: it lets overwrites take new slots
+            # while the old ones wait (deferred) for a flush, instead of forcing one.
+            capacity = PAGE_SIZE + size + (size // 4) // PAGE_SIZE * PAGE_SIZE
+        slots = Backend.create(data_path, capacity, store_uuid)
+        try:
+            slot_capacity = slots.capacity_slots()
+            slots.sync()
+        finally:
+            slots.close()
+        if slot_capacity < 2:
+            raise BackendMismatch(f"backend {data_path} holds no data slot")
+        config = Config(
+            size=size,
+            page_size=PAGE_SIZE,
+            slot_capacity=slot_capacity,
+            max_index_entries=max_index_entries or 0,
+            max_share=max_share,
+            fingerprint=FINGERPRINT_XXH3_128,
+            uuid=store_uuid,
+            backend=backend_path,
+        )
+        meta = Meta(store_dir, readonly=False, create=True)
+        try:
+
+            def init(txn: Any) -> None:
+                txn.put(KEY_FORMAT, FORMAT.pack(FORMAT_MAGIC, FORMAT_VERSION), db=meta.info)
+                txn.put(KEY_CONFIG, config.pack(), db=meta.info)
+                state = State(FIRST_DATA_SLOT, 0, 0, 0, clean=1)
+                txn.put(KEY_STATE, state.pack(), db=meta.info)
+
+            meta.write(init)
+            meta.sync()
+        finally:
+            meta.close()
+        with open(os.path.join(store_dir, LOCK_FILE), "w"):
+            pass
+    except BaseException:
+        _remove_partial(store_dir, made_dir, backend_path)
+        raise
+
+
+def _remove_partial(store_dir: str, made_dir: bool, backend_path: str) -> None:
+    for name in (DATA_FILE, LOCK_FILE, "meta/data.mdb", "meta/lock.mdb", "meta"):
+        target = os.path.join(store_dir, name)
+        with contextlib.suppress(OSError):
+            os.rmdir(target) if os.path.isdir(target) else os.unlink(target)
+    if made_dir:
+        with contextlib.suppress(OSError):
+            os.rmdir(store_dir)
+    del backend_path  # an existing backend file or device given by the user is left as it was
+
+
+def open_store(
+    path: str | os.PathLike[str],
+    *,
+    readonly: bool = False,
+    fingerprint: FingerprintFn | None = None,
+) -> Store:
+    """Open a store: exclusively for writing, or shared with other read-only openers.
+
+    ``fingerprint`` replaces XXH3-128 (tests inject colliding functions to prove that verify keeps
+    different pages apart). Use as a context manager; `Store.close` flushes.
+    """
+    return Store(os.fspath(path), readonly=readonly, fingerprint=fingerprint or xxh3_128)
+
+
+class _StoreLock:
+    """The ``STORE/lock`` flock: exclusive for a writer, shared for read-only servers."""
+
+    def __init__(self, store_dir: str, *, exclusive: bool) -> None:
+        lock_path = os.path.join(store_dir, LOCK_FILE)
+        try:
+            self.fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot open {lock_path}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(self.fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 512, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise StoreLocked(f"{store_dir} is in use by another process ({holder})") from None
+        if exclusive:
+            try:
+                with open("/proc/self/cmdline", "rb") as proc:
+                    cmdline = proc.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                cmdline = ""
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"pid {os.getpid()}: {cmdline.strip()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Store:
+    """An open store. See the module docstring for batching and `dedupblk.store.format` for
+    what survives a crash."""
+
+    def __init__(self, store_dir: str, *, readonly: bool, fingerprint: FingerprintFn) -> None:
+        if not os.path.isfile(os.path.join(store_dir, "meta", "data.mdb")):
+            kind = "no such store" if not os.path.exists(store_dir) else "not a dedupblk store"
+            raise NotAStore(f"{store_dir}: {kind}")
+        self.path = store_dir
+        self.readonly = readonly
+        self._fingerprint = fingerprint
+        self._lock = threading.RLock()
+        self._closed = False
+        self._file_lock = _StoreLock(store_dir, exclusive=not readonly)
+        try:
+            self._meta = Meta(store_dir, readonly=readonly)
+            try:
+                self.config, self._state = self._meta.read_header(store_dir)
+                self.backend_path = self.config.backend or os.path.join(store_dir, DATA_FILE)
+                self._backend = Backend(self.backend_path, readonly=readonly)
+            except BaseException:
+                self._meta.close()
+                raise
+        except BaseException:
+            self._file_lock.release()
+            raise
+        try:
+            self._backend.check_header(self.config.uuid)
+            if self._backend.capacity_slots() < self.config.slot_capacity:
+                raise BackendMismatch(
+                    f"backend {self.backend_path} is smaller than when the store was created"
+                )
+        except BaseException:
+            self._backend.close()
+            self._meta.close()
+            self._file_lock.release()
+            raise
+        self.size = self.config.size
+        self.page_size = PAGE_SIZE
+        self._pages = self.config.pages
+        self._pending: dict[int, Pending] = {}
+        self._pending_data = 0  # DATA pages in _pending: each may need one slot
+        self._pending_since = 0.0
+        self._available = 0  # slots a new page may take: free plus never used
+        self._deferred = 0  # slots freed since the last durable point
+        self._to_release: list[bytes] = []  # deferred slots a flush made durable: to punch
+        self._releasing: set[bytes] = set()  # slots the committer is punching, without the lock
+        self._committer: threading.Thread | None = None
+        self._wake = threading.Condition(self._lock)
+        if not readonly:
+            self._open_for_writing()
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    def _open_for_writing(self) -> None:
+        """Make what a killed predecessor committed durable, release its deferred slots, and
+        mark the store in use."""
+        self._backend.sync()
+        self._meta.sync()
+        self._state.clean = 0
+        self._meta.write(lambda txn: txn.put(KEY_STATE, self._state.pack(), db=self._meta.info))
+        self._release_deferred(background=False)
+        self._meta.sync()
+        self._refresh_available()
+
+    def close(self) -> None:
+        """Flush everything and release the store. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if not self.readonly:
+                    self._flush_locked(wait=True)
+                    self._state.clean = 1
+                    self._meta.write(
+                        lambda txn: txn.put(KEY_STATE, self._state.pack(), db=self._meta.info)
+                    )
+                    self._meta.sync()
+            finally:
+                self._closed = True
+                self._wake.notify_all()
+                self._backend.close()
+                self._meta.close()
+                self._file_lock.release()
+        committer = self._committer
+        if committer is not None and committer is not threading.current_thread():
+            committer.join()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise InvalidRequest(
+                f"request at {offset} of {length} bytes is outside the device ({self.size} bytes)"
+            )
+        if self._closed:
+            raise StoreError("the store is closed")
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise ReadOnlyStore("the store is open read-only")
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The device's bytes ``[offset, offset + length)``; unwritten bytes read as zeros."""
+        with self._lock:
+            self._check_range(offset, length)
+            if length == 0:
+                return b""
+            first = offset >> PAGE_SHIFT
+            last = (offset + length - 1) >> PAGE_SHIFT
+            pending = self._pending
+            meta = self._meta
+            parts: list[bytes] = []
+            with meta.env.begin(buffers=False) as txn:
+                get = txn.get
+                mapdb = meta.map
+                for page in range(first, last + 1):
+                    entry = pending.get(page)
+                    if entry is not None:
+                        parts.append(entry[2] or (fill_page(entry[1]) if entry[1] else ZERO_PAGE))
+                        continue
+                    raw = get(_pack_u64(page), db=mapdb)
+                    if raw is None:
+                        parts.append(ZERO_PAGE)
+                        continue
+                    kind, value = _unpack_map(raw)
+                    parts.append(
+                        self._backend.read_slot(value) if kind == KIND_SLOT else fill_page(value)
+                    )
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            start = offset - (first << PAGE_SHIFT)
+            if start == 0 and length == len(data):
+                return data
+            return data[start : start + length]
+
+    def write(
+        self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
+    ) -> None:
+        """Write ``data`` at ``offset``. Partial pages are read, modified and written back.
+
+        The pages are accepted into the pending batch and are visible to reads at once; they are
+        committed within `GROUP_SECONDS` or at the next `commit`/`flush`, and durable after
+        `flush` (``fua=True`` flushes before returning). A write that cannot get a slot raises
+        `StoreFull`; pages of the same request that were accepted before it stay written, as on
+        a disk where a failed write leaves the range partly updated.
+        """
+        with self._lock:
+            self._check_writable()
+            length = len(data)
+            self._check_range(offset, length)
+            view = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+            page = offset >> PAGE_SHIFT
+            pos = 0
+            while pos < length:
+                in_page = (offset + pos) & (PAGE_SIZE - 1)
+                take = min(PAGE_SIZE - in_page, length - pos)
+                if take == PAGE_SIZE:
+                    content = bytes(view[pos : pos + PAGE_SIZE])
+                else:
+                    old = self._page_locked(page)
+                    content = old[:in_page] + bytes(view[pos : pos + take]) + old[in_page + take :]
+                self._accept(page, content)
+                pos += take
+                page += 1
+            if fua:
+                self._flush_locked()
+
+    def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
+        """Zero a range: whole pages are unmapped (their slots dereferenced), partial pages are
+        rewritten with zeros. Same durability as `write`."""
+        self._zero(offset, length, fua)
+
+    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        """Discard a range. Discarded bytes read back as zeros (the store does not keep stale data
+        for discarded ranges), so this is `write_zeroes`."""
+        self._zero(offset, length, fua)
+
+    def _zero(self, offset: int, length: int, fua: bool) -> None:
+        with self._lock:
+            self._check_writable()
+            self._check_range(offset, length)
+            end = offset + length
+            page = offset >> PAGE_SHIFT
+            while (page << PAGE_SHIFT) < end:
+                start = max(offset, page << PAGE_SHIFT)
+                stop = min(end, (page + 1) << PAGE_SHIFT)
+                if stop - start == PAGE_SIZE:
+                    self._accept(page, ZERO_PAGE)
+                else:
+                    old = self._page_locked(page)
+                    lo, hi = start - (page << PAGE_SHIFT), stop - (page << PAGE_SHIFT)
+                    self._accept(page, old[:lo] + bytes(hi - lo) + old[hi:])
+                page += 1
+            if fua:
+                self._flush_locked()
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """Contiguous ``(offset, length, is_hole)`` runs covering the range; holes read as zeros."""
+        with self._lock:
+            self._check_range(offset, length)
+            out: list[tuple[int, int, bool]] = []
+            end = offset + length
+            with self._meta.env.begin() as txn:
+                page = offset >> PAGE_SHIFT
+                while (page << PAGE_SHIFT) < end:
+                    entry = self._pending.get(page)
+                    if entry is not None:
+                        hole = entry[0] == ZERO
+                    else:
+                        hole = txn.get(_pack_u64(page), db=self._meta.map) is None
+                    start = max(offset, page << PAGE_SHIFT)
+                    stop = min(end, (page + 1) << PAGE_SHIFT)
+                    if out and out[-1][2] == hole:
+                        out[-1] = (out[-1][0], out[-1][1] + stop - start, hole)
+                    else:
+                        out.append((start, stop - start, hole))
+                    page += 1
+            return out
+
+    def commit(self) -> None:
+        """Apply the pending batch in one LMDB transaction (not synced): from then on it survives
+        a kill of this process. If it fails, the pending pages stay pending."""
+        with self._lock:
+            self._commit_locked()
+
+    def flush(self) -> None:
+        """Make every write accepted so far durable: commit, ``fdatasync`` the backend, sync LMDB,
+        then release (and punch) the slots freed since the last flush."""
+        with self._lock:
+            self._check_writable()
+            self._flush_locked()
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _page_locked(self, page: int) -> bytes:
+        return self.read(page << PAGE_SHIFT, PAGE_SIZE)
+
+    def _accept(self, page: int, content: bytes) -> None:
+        """Classify a full page and put it in the pending batch, committing first when the batch is
+        full or could need more slots than are free."""
+        kind, word = classify(content)
+        entry: Pending = (kind, word, content if kind == DATA else None)
+        if kind == ZERO:
+            entry = _ZERO_PENDING
+        previous = self._pending.get(page)
+        replaces_data = previous is not None and previous[0] == DATA
+        if kind == DATA and not replaces_data and self._pending_data >= self._available:
+            self._make_room()
+            if self._available == 0:
+                # No slot is known free: this page can only land if it dedups. Try it alone.
+                self._pending[page] = entry
+                self._pending_data += 1
+                try:
+                    self._commit_locked()
+                except StoreFull:
+                    del self._pending[page]
+                    self._pending_data -= 1
+                    raise
+                return
+            previous = None
+            replaces_data = False
+        if not self._pending:
+            self._pending_since = time.monotonic()
+            self._start_committer()
+            self._wake.notify()
+        self._pending[page] = entry
+        self._pending_data += (kind == DATA) - replaces_data
+        if len(self._pending) >= GROUP_PAGES:
+            self._commit_locked()
+
+    def _make_room(self) -> None:
+        self._commit_locked()
+        if self._available == 0 and (self._deferred or self._to_release or self._releasing):
+            self._flush_locked(wait=True)
+
+    def _start_committer(self) -> None:
+        if self._committer is None or not self._committer.is_alive():
+            self._committer = threading.Thread(
+                target=self._committer_loop, name="dedupblk-commit", daemon=True
+            )
+            self._committer.start()
+
+    def _committer_loop(self) -> None:
+        """Housekeeping off the request path: commit a batch that waited `GROUP_SECONDS` when no
+        request did it first, and punch slots released by a flush (see `_release_deferred`)."""
+        with self._lock:
+            while not self._closed:
+                if self._to_release:
+                    self._release_in_background()
+                elif self._pending:
+                    due = self._pending_since + GROUP_SECONDS - time.monotonic()
+                    if due <= 0:
+                        try:
+                            self._commit_locked()
+                        except Exception:
+                            log.exception("background commit failed; pages stay pending")
+                            self._wake.wait(GROUP_SECONDS)
+                        continue
+                    self._wake.wait(due)
+                else:
+                    self._wake.wait(1.0)
+
+    def _release_in_background(self) -> None:
+        """Punch the slots a flush released without holding the lock (requests go on), then make
+        them free. Until then they stay in ``deferred``, so nothing can be written to them."""
+        slots, self._to_release = self._to_release, []
+        self._releasing = set(slots)
+        self._lock.release()
+        try:
+            self._backend.discard(key_int(key) for key in slots)
+        except StoreError:
+            log.exception("punching freed slots failed; their space is not given back")
+        finally:
+            self._lock.acquire()
+            self._releasing = set()
+        if not self._closed:
+            self._free_slots(slots)
+        self._wake.notify_all()
+
+    def _wait_for_release(self) -> None:
+        while self._to_release or self._releasing:
+            self._wake.wait()
+
+    def _refresh_available(self) -> None:
+        meta = self._meta
+        with meta.env.begin() as txn:
+            free = meta.entries(txn, meta.free)
+            self._deferred = meta.entries(txn, meta.deferred)
+        self._available = free + self.config.slot_capacity - self._state.slot_high
+
+    def _flush_locked(self, *, wait: bool = False) -> None:
+        """Commit, sync, then release the deferred slots: in the background thread, or here when
+        ``wait`` (a caller that needs the slots at once)."""
+        if self.readonly or self._closed:
+            return
+        self._commit_locked()
+        self._backend.sync()
+        self._meta.sync()
+        if wait:
+            # Never punch here while the committer punches: it could hit a slot reused meanwhile.
+            self._wait_for_release()
+        if self._deferred:
+            self._release_deferred(background=not wait)
+
+    def _release_deferred(self, *, background: bool) -> None:
+        """Punch the deferred slots and make them free. Call only at a durable point: the
+        transactions that freed them are synced, so no durable mapping names them."""
+        meta = self._meta
+        queued = set(self._to_release) | self._releasing
+        with meta.env.begin() as txn:
+            slots = [
+                key
+                for key in txn.cursor(db=meta.deferred).iternext(values=False)
+                if key not in queued
+            ]
+        if background:
+            self._to_release.extend(slots)
+            self._start_committer()
+            self._wake.notify_all()
+        elif slots:
+            self._backend.discard(key_int(key) for key in slots)
+            self._free_slots(slots)
+
+    def _free_slots(self, slots: list[bytes]) -> None:
+        """Move punched slots from ``deferred`` to ``free`` in one transaction."""
+        meta = self._meta
+
+        def release(txn: Any) -> None:
+            for key in slots:
+                if txn.delete(key, db=meta.deferred):
+                    txn.put(key, b"", db=meta.free)
+
+        meta.write(release)
+        self._refresh_available()
+
+    def _commit_locked(self) -> None:
+        if not self._pending or self._closed:
+            return
+        batch = self._pending
+        self._state = self._meta.write(lambda txn: _Batch(self, txn).apply(batch))
+        self._pending = {}
+        self._pending_data = 0
+        self._refresh_available()
+        if self._deferred > DEFERRED_LIMIT:
+            self._flush_locked()
+
+    def statistics(self) -> Statistics:
+        """Usage as of the last commit (pending pages are not counted)."""
+        with self._lock:
+            return _statistics(self._meta, self.config, self._state, self._backend)
+
+    def check(self) -> list[Any]:
+        """Commit, then run every named check of `dedupblk.store.check` on this open store.
+        Returns the problems found (empty when every invariant holds)."""
+        from .check import run_checks  # noqa: PLC0415  (check imports this module)
+
+        with self._lock:
+            self._commit_locked()
+            return run_checks(self._meta, self._backend, self.path).problems
+
+
+class _Batch:
+    """One commit: applies pending pages to the map, refcounts, index and free slots inside one
+    write transaction. Page data for new slots is written to the backend before it returns, that
+    is before the transaction commits (write order step 1-2 of the format spec)."""
+
+    def __init__(self, store: Store, txn: Any) -> None:
+        self.store = store
+        self.txn = txn
+        self.meta = store._meta
+        self.backend = store._backend
+        self.config = store.config
+        self.fingerprint = store._fingerprint
+        self.bounded = self.config.max_index_entries > 0
+        old = store._state
+        self.state = State(old.slot_high, old.mapped_pages, old.same_filled_pages, old.next_seq, 0)
+        self.new_data: dict[int, bytes] = {}
+        self.index_entries = self.meta.entries(txn, self.meta.index) if self.bounded else 0
+
+    def apply(self, batch: dict[int, Pending]) -> State:
+        txn, meta, state = self.txn, self.meta, self.state
+        get, put, delete = txn.get, txn.put, txn.delete
+        mapdb, refsdb, indexdb = meta.map, meta.refs, meta.index
+        max_share = self.config.max_share
+        for page in sorted(batch):
+            kind, word, content = batch[page]
+            key = _pack_u64(page)
+            raw_old = get(key, db=mapdb)
+            old_kind, old_value = _unpack_map(raw_old) if raw_old is not None else (0, 0)
+            old_slot = old_value if old_kind == KIND_SLOT else 0
+            if kind == ZERO:
+                if raw_old is None:
+                    continue
+                delete(key, db=mapdb)
+            elif kind == FILL:
+                if old_kind == KIND_FILL and old_value == word:
+                    continue
+                put(key, _pack_map(KIND_FILL, word), db=mapdb)
+                state.same_filled_pages += 1
+            else:
+                assert content is not None
+                fp = self.fingerprint(content)
+                raw_index = get(fp, db=indexdb)
+                target = 0
+                full = False
+                if raw_index is not None:
+                    slot = _unpack_index(raw_index)[0]
+                    refcount = _unpack_ref(get(_pack_u64(slot), db=refsdb))[0]
+                    if slot == old_slot or refcount < max_share:
+                        if self._slot_holds(slot, content):
+                            target = slot
+                    else:
+                        full = self._slot_holds(slot, content)
+                if target == old_slot and target:
+                    continue  # rewrote the content the page already had
+                if target:
+                    self._incref(target)
+                else:
+                    target = self._allocate()
+                    self.new_data[target] = content
+                    put(_pack_u64(target), _pack_ref(1, fp), db=refsdb)
+                    if raw_index is None or full:
+                        # A new fingerprint, or its slot reached max-share: the new copy becomes
+                        # the dedup target. (A verified mismatch, a collision, keeps the old one.)
+                        self._index(fp, target, raw_index)
+                put(key, _pack_map(KIND_SLOT, target), db=mapdb)
+                state.mapped_pages += 1
+            # The new reference is in place; now drop the old one.
+            if old_kind == KIND_SLOT:
+                state.mapped_pages -= 1
+                self._decref(old_slot)
+            elif old_kind == KIND_FILL:
+                state.same_filled_pages -= 1
+        if self.bounded and self.index_entries > self.config.max_index_entries:
+            self._prune_index()
+        if self.new_data:
+            self.backend.write_slots(list(self.new_data.items()))
+        txn.put(KEY_STATE, state.pack(), db=meta.info)
+        return state
+
+    def _slot_holds(self, slot: int, content: bytes) -> bool:
+        """Verify: the slot's bytes equal ``content`` (never trust a fingerprint alone)."""
+        pending = self.new_data.get(slot)
+        stored = pending if pending is not None else self.backend.read_slot(slot)
+        return stored == content
+
+    def _incref(self, slot: int) -> None:
+        key = _pack_u64(slot)
+        refcount, fp = _unpack_ref(self.txn.get(key, db=self.meta.refs))
+        self.txn.put(key, _pack_ref(refcount + 1, fp), db=self.meta.refs)
+
+    def _decref(self, slot: int) -> None:
+        txn, meta = self.txn, self.meta
+        key = _pack_u64(slot)
+        refcount, fp = _unpack_ref(txn.get(key, db=meta.refs))
+        if refcount > 1:
+            txn.put(key, _pack_ref(refcount - 1, fp), db=meta.refs)
+            return
+        # Last reference: the slot's death, its index entry and its free record commit together.
+        txn.delete(key, db=meta.refs)
+        raw_index = txn.get(fp, db=meta.index)
+        if raw_index is not None:
+            indexed_slot, seq = _unpack_index(raw_index)
+            if indexed_slot == slot:
+                txn.delete(fp, db=meta.index)
+                if self.bounded:
+                    txn.delete(_pack_u64(seq), db=meta.age)
+                    self.index_entries -= 1
+        txn.put(key, b"", db=meta.deferred)
+
+    def _index(self, fp: bytes, slot: int, raw_old: bytes | None) -> None:
+        txn, meta, state = self.txn, self.meta, self.state
+        seq = state.next_seq
+        state.next_seq += 1
+        txn.put(fp, _pack_index(slot, seq), db=meta.index)
+        if self.bounded:
+            if raw_old is not None:
+                txn.delete(_pack_u64(_unpack_index(raw_old)[1]), db=meta.age)
+            else:
+                self.index_entries += 1
+            txn.put(_pack_u64(seq), fp, db=meta.age)
+
+    def _prune_index(self) -> None:
+        """Drop the oldest index entries of singly-referenced slots until the index is a little
+        under its bound (the slots and their mappings stay; the pages stop being dedup targets).
+        Entries of shared slots are kept, so a bound smaller than the shared slots is exceeded."""
+        txn, meta = self.txn, self.meta
+        limit = self.config.max_index_entries
+        target = limit - max(1, limit // 32)
+        cursor = txn.cursor(db=meta.age)
+        if not cursor.first():
+            return
+        while self.index_entries > target:
+            fp = cursor.value()
+            raw_index = txn.get(fp, db=meta.index)
+            if raw_index is None:  # cannot happen while the age invariant holds; heal it anyway
+                if not cursor.delete():
+                    return
+                continue
+            slot = _unpack_index(raw_index)[0]
+            refcount = _unpack_ref(txn.get(_pack_u64(slot), db=meta.refs))[0]
+            if refcount == 1:
+                txn.delete(fp, db=meta.index)
+                self.index_entries -= 1
+                if not cursor.delete():
+                    return
+            elif not cursor.next():
+                return
+
+    def _allocate(self) -> int:
+        """A slot no committed mapping names: a free slot (never one freed since the last flush:
+        those are deferred), else a never-used slot. `StoreFull` when there is none."""
+        cursor = self.txn.cursor(db=self.meta.free)
+        if cursor.first():
+            slot: int = U64BE.unpack(cursor.key())[0]
+            cursor.delete()
+            return slot
+        state = self.state
+        if state.slot_high < self.config.slot_capacity:
+            state.slot_high += 1
+            return state.slot_high - 1
+        raise StoreFull(f"no free slot in backend {self.backend.path}")
+
+
+def _statistics(meta: Meta, config: Config, state: State, backend: Backend | None) -> Statistics:
+    with meta.env.begin() as txn:
+        stored = meta.entries(txn, meta.refs)
+        index_entries = meta.entries(txn, meta.index)
+    mapped = state.mapped_pages
+    return Statistics(
+        size_bytes=config.size,
+        page_size=config.page_size,
+        mapped_pages=mapped,
+        same_filled_pages=state.same_filled_pages,
+        stored_pages=stored,
+        index_entries=index_entries,
+        dedup_ratio=mapped / stored if stored else 1.0,
+        saved_bytes=(mapped + state.same_filled_pages - stored) * config.page_size,
+        data_bytes=stored * config.page_size,
+        metadata_bytes=meta.used_bytes(),
+    )
+
+
+def read_statistics(path: str | os.PathLike[str]) -> tuple[Config, Statistics]:
+    """Statistics as of the last commit, without taking the store's lock: works while another
+    process serves the store (LMDB readers see the last committed state)."""
+    store_dir = os.fspath(path)
+    if not os.path.isdir(store_dir):
+        raise NotAStore(f"{store_dir}: no such store")
+    opened = Meta.opened(store_dir)
+    if opened is not None:  # LMDB allows one environment per file per process
+        config, state = opened.read_header(store_dir)
+        return config, _statistics(opened, config, state, None)
+    meta = Meta(store_dir, readonly=True)
+    try:
+        config, state = meta.read_header(store_dir)
+        return config, _statistics(meta, config, state, None)
+    finally:
+        meta.close()
+
+
+def fs_type_is_tmpfs(path: str) -> bool:
+    """Whether ``path`` lives on tmpfs (a swap device's store must not: it could swap to itself)."""
+    return _fs_is_tmpfs(path) if os.path.exists(path) else False
+
+
+def is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False

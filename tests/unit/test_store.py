@@ -1,0 +1,337 @@
+"""Page semantics, accounting, errors and durability rules of the store API."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import time
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from dedupblk.store import (
+    BackendMismatch,
+    FormatError,
+    InvalidRequest,
+    NotAStore,
+    ReadOnlyStore,
+    Store,
+    StoreExists,
+    StoreFull,
+    StoreLocked,
+    check_store,
+    create_store,
+    open_store,
+    parse_size,
+    read_statistics,
+)
+from dedupblk.store import meta as meta_module
+from dedupblk.store.format import FORMAT, KEY_FORMAT, Fingerprint
+from tests.conftest import SMALL, allocated_bytes, rand_page
+
+P = 4096
+
+
+def test_zero_page_takes_no_slot(store: Store) -> None:
+    store.write(0, bytes(P))
+    store.commit()
+    stats = store.statistics()
+    assert (stats.mapped_pages, stats.same_filled_pages, stats.stored_pages) == (0, 0, 0)
+    assert store.extents(0, 2 * P) == [(0, 2 * P, True)]
+
+
+def test_same_filled_page_is_inline(store: Store) -> None:
+    word = (0xDEADBEEF12345678).to_bytes(8, "little")
+    store.write(P, word * 512)
+    store.commit()
+    stats = store.statistics()
+    assert (stats.same_filled_pages, stats.stored_pages, stats.mapped_pages) == (1, 0, 0)
+    assert store.read(P, P) == word * 512
+    assert store.extents(0, 2 * P) == [(0, P, True), (P, P, False)]
+
+
+def test_duplicates_share_one_slot(store: Store) -> None:
+    page = rand_page(1)
+    for n in range(10):
+        store.write(n * P, page)
+    store.write(20 * P, rand_page(2))
+    store.commit()
+    stats = store.statistics()
+    assert (stats.mapped_pages, stats.stored_pages) == (11, 2)
+    assert stats.dedup_ratio == pytest.approx(11 / 2)
+    assert stats.saved_bytes == 9 * P
+    assert stats.data_bytes == 2 * P
+    assert store.read(9 * P, P) == page
+
+
+def test_rewriting_identical_content_changes_nothing(store: Store) -> None:
+    page = rand_page(3)
+    store.write(0, page)
+    store.write(P, page)
+    store.commit()
+    before = store.statistics()
+    store.write(0, page)
+    store.commit()
+    assert store.statistics() == before
+
+
+def test_overwrite_drops_old_reference_and_frees_slot(store: Store) -> None:
+    a, b = rand_page(4), rand_page(5)
+    store.write(0, a)
+    store.commit()
+    store.write(0, b)
+    store.commit()
+    stats = store.statistics()
+    assert (stats.mapped_pages, stats.stored_pages) == (1, 1)
+    assert store.read(0, P) == b
+
+
+def test_trim_frees_slots_and_punches_holes(store_dir: str) -> None:
+    data_file = os.path.join(store_dir, "slots")
+    with open_store(store_dir) as store:
+        store.write(0, b"".join(rand_page(10 + n) for n in range(64)))
+        store.flush()
+        full = allocated_bytes(data_file)
+        store.trim(0, 64 * P)
+        store.flush()
+    assert read_statistics(store_dir)[1].stored_pages == 0
+    assert allocated_bytes(data_file) <= full - 60 * P
+
+
+def test_partial_trim_zeroes_part_of_a_page(store: Store) -> None:
+    page = rand_page(6)
+    store.write(0, page)
+    store.trim(100, 200)
+    assert store.read(0, P) == page[:100] + bytes(200) + page[300:]
+    store.write_zeroes(0, P)
+    store.commit()
+    assert store.statistics().stored_pages == 0
+
+
+def test_unaligned_write_spanning_pages(store: Store) -> None:
+    data = os.urandom(3 * P)
+    store.write(1000, data)
+    assert store.read(1000, 3 * P) == data
+    assert store.read(0, 1000) == bytes(1000)
+    assert store.read(1000 + 3 * P, 100) == bytes(100)
+
+
+def test_memoryview_input_is_copied(store: Store) -> None:
+    buf = bytearray(rand_page(7))
+    store.write(0, memoryview(buf))
+    expected = bytes(buf)
+    buf[:] = bytes(P)
+    assert store.read(0, P) == expected
+
+
+def test_collision_is_kept_apart_by_verify(store_dir: str) -> None:
+    def collide(_page: bytes) -> Fingerprint:
+        return Fingerprint(b"\x00" * 16)
+
+    a, b = rand_page(8), rand_page(9)
+    with open_store(store_dir, fingerprint=collide) as store:
+        store.write(0, a)
+        store.commit()
+        store.write(P, b)
+        store.write(2 * P, a)
+        store.commit()
+        assert store.read(0, P) == a
+        assert store.read(P, P) == b
+        assert store.read(2 * P, P) == a
+        assert store.statistics().stored_pages == 2  # a shared, b stored apart
+    with open_store(store_dir, fingerprint=collide) as store:
+        assert store.read(P, P) == b
+
+
+def test_max_share_caps_references(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    create_store(path, SMALL, max_share=3)
+    page = rand_page(11)
+    with open_store(path) as store:
+        for n in range(7):
+            store.write(n * P, page)
+        store.commit()
+        assert store.statistics().stored_pages == 3  # 3 + 3 + 1
+        assert all(store.read(n * P, P) == page for n in range(7))
+    assert check_store(path).problems == []
+
+
+def test_bounded_index_prunes_oldest_single_references(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    create_store(path, SMALL, max_index_entries=32)
+    with open_store(path) as store:
+        for n in range(100):
+            store.write(n * P, rand_page(100 + n))
+        store.commit()
+        stats = store.statistics()
+        assert stats.index_entries <= 32
+        assert stats.stored_pages == 100
+        # The newest content is still a dedup candidate; the oldest is not.
+        store.write(200 * P, rand_page(199))
+        store.write(201 * P, rand_page(100))
+        store.commit()
+        assert store.statistics().stored_pages == 101
+        assert store.read(201 * P, P) == rand_page(100)
+    assert check_store(path).problems == []
+
+
+def test_full_backend_gives_enospc_and_keeps_data(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    create_store(path, SMALL, backend_size=9 * P)  # header + 8 slots
+    with open_store(path) as store:
+        for n in range(8):
+            store.write(n * P, rand_page(n))
+        with pytest.raises(StoreFull) as info:
+            store.write(8 * P, rand_page(8))
+        assert info.value.errno == errno.ENOSPC
+        store.write(9 * P, rand_page(3))  # a duplicate still fits
+        store.write(10 * P, b"\x07" * P)  # and so does a same-filled page
+        assert [store.read(n * P, P) for n in range(8)] == [rand_page(n) for n in range(8)]
+        store.trim(0, 2 * P)
+        store.write(8 * P, rand_page(8))  # trimmed space is usable again
+        store.write(11 * P, rand_page(11))
+        assert store.read(8 * P, P) == rand_page(8)
+    assert check_store(path).problems == []
+
+
+def test_overwrites_without_flush_reuse_slots_after_forced_flush(tmp_path: Path) -> None:
+    """Overwrites need a new slot while the old one is deferred; a full backend flushes."""
+    path = str(tmp_path / "s")
+    create_store(path, SMALL, backend_size=5 * P)
+    with open_store(path) as store:
+        for rnd in range(10):
+            store.write(0, b"".join(rand_page(1000 * rnd + n) for n in range(4)))
+        assert store.read(0, 4 * P) == b"".join(rand_page(9000 + n) for n in range(4))
+    assert check_store(path).problems == []
+
+
+def test_requests_outside_the_device_are_invalid(store: Store) -> None:
+    for offset, length in ((SMALL, 1), (SMALL - P, 2 * P), (-1, 1)):
+        with pytest.raises(InvalidRequest) as info:
+            store.read(offset, length)
+        assert info.value.errno == errno.EINVAL
+        with pytest.raises(InvalidRequest):
+            store.write(offset, b"x" * max(length, 1))
+    with pytest.raises(InvalidRequest):
+        store.trim(SMALL - P, 2 * P)
+    assert store.read(SMALL - 1, 1) == b"\x00"
+
+
+def test_readonly_refuses_writes(store_dir: str) -> None:
+    with open_store(store_dir) as store:
+        store.write(0, rand_page(1))
+    with open_store(store_dir, readonly=True) as store:
+        assert store.read(0, P) == rand_page(1)
+        with pytest.raises(ReadOnlyStore) as info:
+            store.write(0, rand_page(2))
+        assert info.value.errno == errno.EROFS
+        with pytest.raises(ReadOnlyStore):
+            store.trim(0, P)
+
+
+def test_second_writer_is_refused_naming_the_holder(store_dir: str) -> None:
+    with open_store(store_dir):
+        with pytest.raises(StoreLocked, match=f"pid {os.getpid()}"):
+            open_store(store_dir)
+        with pytest.raises(StoreLocked):
+            check_store(store_dir, repair=True)
+        # stats works while the store is served
+        assert read_statistics(store_dir)[1].size_bytes == SMALL
+
+
+def test_create_refuses_bad_input(tmp_path: Path, store_dir: str) -> None:
+    with pytest.raises(StoreExists):
+        create_store(store_dir, SMALL)
+    for size in (0, 1000, -P):
+        with pytest.raises(InvalidRequest):
+            create_store(str(tmp_path / f"bad{size}"), size)
+    assert not (tmp_path / "bad1000").exists()
+    with pytest.raises(InvalidRequest):
+        create_store(str(tmp_path / "x"), SMALL, max_share=0)
+
+
+def test_open_refuses_foreign_or_missing(tmp_path: Path) -> None:
+    with pytest.raises(NotAStore):
+        open_store(str(tmp_path / "missing"))
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "file").write_text("hello")
+    with pytest.raises(NotAStore):
+        open_store(str(tmp_path / "foreign"))
+    assert sorted(os.listdir(tmp_path / "foreign")) == ["file"]
+
+
+def test_open_refuses_unknown_version_and_changes_nothing(store_dir: str) -> None:
+    env = lmdb.open(os.path.join(store_dir, "meta"), max_dbs=8)
+    info = env.open_db(b"info")
+    with env.begin(write=True) as txn:
+        txn.put(KEY_FORMAT, FORMAT.pack(b"DEDUPBLK", 99), db=info)
+    env.close()
+    slots = os.path.join(store_dir, "slots")
+    before = os.stat(slots).st_mtime_ns
+    with pytest.raises(FormatError, match="version 99"):
+        open_store(store_dir)
+    assert before == os.stat(slots).st_mtime_ns
+
+
+def test_open_refuses_missing_or_other_backend(tmp_path: Path) -> None:
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    create_store(one, SMALL, backend=str(tmp_path / "b1"), backend_size=SMALL)
+    create_store(two, SMALL, backend=str(tmp_path / "b2"), backend_size=SMALL)
+    os.rename(tmp_path / "b1", tmp_path / "b1.saved")
+    with pytest.raises(BackendMismatch, match="missing"):
+        open_store(one)
+    os.rename(tmp_path / "b2", tmp_path / "b1")
+    with pytest.raises(BackendMismatch, match="another store"):
+        open_store(one)
+
+
+def test_map_grows_instead_of_failing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(meta_module, "INITIAL_MAP_SIZE", 64 << 10)
+    path = str(tmp_path / "s")
+    create_store(path, 16 << 20)
+    with open_store(path) as store:
+        start = store._meta.env.info()["map_size"]
+        store.write(0, b"".join(rand_page(n) for n in range(2048)))
+        store.flush()
+        assert store._meta.env.info()["map_size"] > start
+        assert store.read(2047 * P, P) == rand_page(2047)
+    assert check_store(path).problems == []
+
+
+def test_pending_pages_commit_within_the_time_window(store_dir: str) -> None:
+    with open_store(store_dir) as store:
+        store.write(0, rand_page(1))
+        assert read_statistics(store_dir)[1].stored_pages == 0
+        deadline = time.monotonic() + 30
+        while read_statistics(store_dir)[1].stored_pages == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert read_statistics(store_dir)[1].stored_pages == 1
+
+
+def test_parse_size() -> None:
+    assert parse_size("4096") == 4096
+    assert parse_size("64K") == 65536
+    assert parse_size("2G") == 2 << 30
+    assert parse_size("1t") == 1 << 40
+    assert parse_size("3MiB") == 3 << 20
+    for bad in ("", "M", "1.5G", "12Q", "-4K"):
+        with pytest.raises(InvalidRequest):
+            parse_size(bad)
+
+
+def test_reopen_keeps_everything(store_dir: str) -> None:
+    data = b"".join(rand_page(n % 5) for n in range(40)) + b"\x11" * P + bytes(P)
+    with open_store(store_dir) as store:
+        store.write(0, data)
+    with open_store(store_dir) as store:
+        assert store.read(0, len(data)) == data
+        assert store.statistics().stored_pages == 5
+
+
+def test_block_layout_is_as_specified(store_dir: str) -> None:
+    """The first slot of the data file is the header naming this store."""
+    with open(os.path.join(store_dir, "slots"), "rb") as f:
+        magic, version = struct.unpack("<8sI", f.read(12))
+    assert (magic, version) == (b"DDBKSLOT", 1)
