@@ -68,6 +68,11 @@ Write order and durability
    flush, so no durable mapping can name overwritten data.
 On open for writing the store first syncs both, so a commit that survived a process kill becomes
 the durable point the deferred-free rule relies on, then releases ``deferred``.
+
+Power loss: LMDB commits between flushes are not synced (``MDB_NOSYNC``). LMDB documents that such
+commits keep their atomicity only on a filesystem that preserves write order; on one that does not
+(ext4 reorders writeback), a power loss or kernel crash between flushes can leave the metadata
+unusable. A kill of the server process is always safe: committed pages sit in the page cache.
 """
 
 from __future__ import annotations

@@ -676,13 +676,20 @@ class Store:
             return run_checks(self._meta, self._backend, self.path).problems
 
 
+# Outcomes of looking a page's fingerprint up (`_Batch._dedup_target`).
+_HIT, _NEW, _FULL, _COLLISION = range(4)
+
+
 class _Batch:
     """One commit: applies pending pages to the map, refcounts, index and free slots inside one
-    write transaction. Page data for new slots is written to the backend before it returns, that
-    is before the transaction commits (write order step 1-2 of the format spec)."""
+    write transaction. Page data for new slots is written to the backend before `apply` returns,
+    that is before the transaction commits (write order steps 1-2 of the format spec).
+
+    Refcount changes are summed per slot and written once at the end, so a page's new reference
+    is always counted before its old one is dropped, and a batch full of duplicates reads and
+    writes each shared slot's refcount once."""
 
     def __init__(self, store: Store, txn: Any) -> None:
-        self.store = store
         self.txn = txn
         self.meta = store._meta
         self.backend = store._backend
@@ -691,14 +698,20 @@ class _Batch:
         self.bounded = self.config.max_index_entries > 0
         old = store._state
         self.state = State(old.slot_high, old.mapped_pages, old.same_filled_pages, old.next_seq, 0)
-        self.new_data: dict[int, bytes] = {}
+        self.new_data: dict[int, bytes] = {}  # slot -> page, for slots allocated in this batch
+        self.new_refs: dict[int, bytes] = {}  # slot -> fingerprint, likewise
+        self.deltas: dict[int, int] = {}  # slot -> refcount change in this batch
+        self.committed: dict[int, int] = {}  # slot -> refcount before this batch (read lazily)
+        self.targets: dict[bytes, tuple[int, bytes | None]] = {}  # fp -> (slot, index record)
+        self.stored: dict[int, bytes] = {}  # slot -> bytes read for verification
+        self.free_cursor: Any = None
         self.index_entries = self.meta.entries(txn, self.meta.index) if self.bounded else 0
 
     def apply(self, batch: dict[int, Pending]) -> State:
-        txn, meta, state = self.txn, self.meta, self.state
+        txn, state, deltas = self.txn, self.state, self.deltas
         get, put, delete = txn.get, txn.put, txn.delete
-        mapdb, refsdb, indexdb = meta.map, meta.refs, meta.index
-        max_share = self.config.max_share
+        mapdb = self.meta.map
+        fingerprint, dedup_target = self.fingerprint, self._dedup_target
         for page in sorted(batch):
             kind, word, content = batch[page]
             key = _pack_u64(page)
@@ -716,86 +729,117 @@ class _Batch:
                 state.same_filled_pages += 1
             else:
                 assert content is not None
-                fp = self.fingerprint(content)
-                raw_index = get(fp, db=indexdb)
-                target = 0
-                full = False
-                if raw_index is not None:
-                    slot = _unpack_index(raw_index)[0]
-                    refcount = _unpack_ref(get(_pack_u64(slot), db=refsdb))[0]
-                    if slot == old_slot or refcount < max_share:
-                        if self._slot_holds(slot, content):
-                            target = slot
-                    else:
-                        full = self._slot_holds(slot, content)
-                if target == old_slot and target:
+                fp = fingerprint(content)
+                target, outcome = dedup_target(fp, content, old_slot)
+                if target and target == old_slot:
                     continue  # rewrote the content the page already had
                 if target:
-                    self._incref(target)
+                    deltas[target] = deltas.get(target, 0) + 1
                 else:
-                    target = self._allocate()
-                    self.new_data[target] = content
-                    put(_pack_u64(target), _pack_ref(1, fp), db=refsdb)
-                    if raw_index is None or full:
-                        # A new fingerprint, or its slot reached max-share: the new copy becomes
-                        # the dedup target. (A verified mismatch, a collision, keeps the old one.)
-                        self._index(fp, target, raw_index)
+                    target = self._store_new(fp, content, outcome)
                 put(key, _pack_map(KIND_SLOT, target), db=mapdb)
                 state.mapped_pages += 1
-            # The new reference is in place; now drop the old one.
             if old_kind == KIND_SLOT:
                 state.mapped_pages -= 1
-                self._decref(old_slot)
+                deltas[old_slot] = deltas.get(old_slot, 0) - 1
             elif old_kind == KIND_FILL:
                 state.same_filled_pages -= 1
+        self._apply_refcounts()
         if self.bounded and self.index_entries > self.config.max_index_entries:
             self._prune_index()
         if self.new_data:
             self.backend.write_slots(list(self.new_data.items()))
-        txn.put(KEY_STATE, state.pack(), db=meta.info)
+        put(KEY_STATE, state.pack(), db=self.meta.info)
         return state
+
+    def _refcount(self, slot: int) -> int:
+        """The slot's refcount as this batch has it so far."""
+        committed = self.committed.get(slot)
+        if committed is None:
+            raw = self.txn.get(_pack_u64(slot), db=self.meta.refs)
+            committed = _unpack_ref(raw)[0] if raw is not None else 0
+            self.committed[slot] = committed
+        return committed + self.deltas.get(slot, 0)
+
+    def _dedup_target(self, fp: bytes, content: bytes, old_slot: int) -> tuple[int, int]:
+        """(slot, _HIT) when a slot already holds ``content`` and may take one more reference,
+        else (0, why not): _NEW (unknown fingerprint), _FULL (max-share), _COLLISION."""
+        known = self.targets.get(fp)
+        if known is None:
+            raw = self.txn.get(fp, db=self.meta.index)
+            known = (_unpack_index(raw)[0] if raw is not None else 0, raw)
+            self.targets[fp] = known
+        slot = known[0]
+        if not slot:
+            return 0, _NEW
+        if slot != old_slot and self._refcount(slot) >= self.config.max_share:
+            return 0, (_FULL if self._slot_holds(slot, content) else _COLLISION)
+        if not self._slot_holds(slot, content):
+            return 0, _COLLISION
+        return slot, _HIT
 
     def _slot_holds(self, slot: int, content: bytes) -> bool:
         """Verify: the slot's bytes equal ``content`` (never trust a fingerprint alone)."""
-        pending = self.new_data.get(slot)
-        stored = pending if pending is not None else self.backend.read_slot(slot)
+        stored = self.new_data.get(slot) or self.stored.get(slot)
+        if stored is None:
+            stored = self.stored[slot] = self.backend.read_slot(slot)
         return stored == content
 
-    def _incref(self, slot: int) -> None:
-        key = _pack_u64(slot)
-        refcount, fp = _unpack_ref(self.txn.get(key, db=self.meta.refs))
-        self.txn.put(key, _pack_ref(refcount + 1, fp), db=self.meta.refs)
+    def _store_new(self, fp: bytes, content: bytes, outcome: int) -> int:
+        """Put ``content`` in a newly allocated slot. A new fingerprint, or one whose slot reached
+        max-share, makes the new slot the dedup target; a collision keeps the indexed one."""
+        slot = self._allocate()
+        self.new_data[slot] = content
+        self.new_refs[slot] = fp
+        self.deltas[slot] = 1
+        self.committed[slot] = 0
+        if outcome != _COLLISION:
+            raw_old = self.targets[fp][1]
+            raw_new = self._index(fp, slot, raw_old)
+            self.targets[fp] = (slot, raw_new)
+        return slot
 
-    def _decref(self, slot: int) -> None:
+    def _apply_refcounts(self) -> None:
         txn, meta = self.txn, self.meta
-        key = _pack_u64(slot)
-        refcount, fp = _unpack_ref(txn.get(key, db=meta.refs))
-        if refcount > 1:
-            txn.put(key, _pack_ref(refcount - 1, fp), db=meta.refs)
-            return
-        # Last reference: the slot's death, its index entry and its free record commit together.
-        txn.delete(key, db=meta.refs)
-        raw_index = txn.get(fp, db=meta.index)
-        if raw_index is not None:
-            indexed_slot, seq = _unpack_index(raw_index)
-            if indexed_slot == slot:
-                txn.delete(fp, db=meta.index)
-                if self.bounded:
-                    txn.delete(_pack_u64(seq), db=meta.age)
-                    self.index_entries -= 1
-        txn.put(key, b"", db=meta.deferred)
+        refsdb = meta.refs
+        for slot, delta in self.deltas.items():
+            key = _pack_u64(slot)
+            new_fp = self.new_refs.get(slot)
+            if new_fp is not None:
+                txn.put(key, _pack_ref(delta, new_fp), db=refsdb)
+                continue
+            if not delta:
+                continue
+            refcount, fp = _unpack_ref(txn.get(key, db=refsdb))
+            if refcount + delta > 0:
+                txn.put(key, _pack_ref(refcount + delta, fp), db=refsdb)
+                continue
+            # Last reference: the slot's death, its index entry and its deferred free commit
+            # together.
+            txn.delete(key, db=refsdb)
+            raw_index = txn.get(fp, db=meta.index)
+            if raw_index is not None:
+                indexed_slot, seq = _unpack_index(raw_index)
+                if indexed_slot == slot:
+                    txn.delete(fp, db=meta.index)
+                    if self.bounded:
+                        txn.delete(_pack_u64(seq), db=meta.age)
+                        self.index_entries -= 1
+            txn.put(key, b"", db=meta.deferred)
 
-    def _index(self, fp: bytes, slot: int, raw_old: bytes | None) -> None:
+    def _index(self, fp: bytes, slot: int, raw_old: bytes | None) -> bytes:
         txn, meta, state = self.txn, self.meta, self.state
         seq = state.next_seq
         state.next_seq += 1
-        txn.put(fp, _pack_index(slot, seq), db=meta.index)
+        raw = _pack_index(slot, seq)
+        txn.put(fp, raw, db=meta.index)
         if self.bounded:
             if raw_old is not None:
                 txn.delete(_pack_u64(_unpack_index(raw_old)[1]), db=meta.age)
             else:
                 self.index_entries += 1
             txn.put(_pack_u64(seq), fp, db=meta.age)
+        return raw
 
     def _prune_index(self) -> None:
         """Drop the oldest index entries of singly-referenced slots until the index is a little
@@ -827,7 +871,9 @@ class _Batch:
     def _allocate(self) -> int:
         """A slot no committed mapping names: a free slot (never one freed since the last flush:
         those are deferred), else a never-used slot. `StoreFull` when there is none."""
-        cursor = self.txn.cursor(db=self.meta.free)
+        if self.free_cursor is None:
+            self.free_cursor = self.txn.cursor(db=self.meta.free)
+        cursor = self.free_cursor
         if cursor.first():
             slot: int = U64BE.unpack(cursor.key())[0]
             cursor.delete()
