@@ -425,6 +425,11 @@ class Store:
             self._check_writable()
             length = len(data)
             self._check_range(offset, length)
+            if length == PAGE_SIZE and not offset & (PAGE_SIZE - 1):  # the common request
+                self._accept(offset >> PAGE_SHIFT, data if type(data) is bytes else bytes(data))
+                if fua:
+                    self._flush_locked()
+                return
             view = memoryview(data).cast("B") if not isinstance(data, bytes) else data
             page = offset >> PAGE_SHIFT
             pos = 0
