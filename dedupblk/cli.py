@@ -219,16 +219,28 @@ def serve(store: str, frontend: str, **options: Any) -> None:
 
 @main.command()
 @click.option("--cleanup", is_flag=True, help="Delete ublk devices whose server is gone.")
-def devices(cleanup: bool) -> None:
-    """List ublk devices and their state."""
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def devices(cleanup: bool, as_json: bool) -> None:
+    """List ublk devices and their state (live, quiesced: waiting for serve --recover, dead)."""
     from .frontends import ublk  # noqa: PLC0415
 
     if cleanup:
         for dev_id in ublk.cleanup_devices():
             click.echo(f"deleted ublk device {dev_id}")
         return
-    for device in ublk.list_devices():
-        click.echo(str(device))
+    found = ublk.list_devices()
+    if as_json:
+        click.echo(json.dumps([asdict(d) for d in found], indent=2))
+        return
+    if not found:
+        click.echo("no ublk devices")
+    for d in found:
+        server = f"pid {d.server_pid}" + ("" if d.server_alive else " (gone)")
+        recovery = ", recoverable" if d.recoverable else ""
+        click.echo(
+            f"{d.block_device}  {d.state}  queues {d.queues} depth {d.depth}  "
+            f"server {server}{recovery}"
+        )
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

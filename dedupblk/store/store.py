@@ -449,15 +449,17 @@ class Store:
 
     def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
         """Zero a range: whole pages are unmapped (their slots dereferenced), partial pages are
-        rewritten with zeros. Same durability as `write`."""
-        self._zero(offset, length, fua)
+        rewritten with zeros, which can need a slot (`StoreFull` on a full backend). Same
+        durability as `write`."""
+        self._zero(offset, length, fua, advisory=False)
 
     def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
-        """Discard a range. Discarded bytes read back as zeros (the store does not keep stale data
-        for discarded ranges), so this is `write_zeroes`."""
-        self._zero(offset, length, fua)
+        """Discard a range: whole pages are unmapped and read back as zeros. A partial page is
+        rewritten with zeros too, except on a full backend, where that would need a slot: a
+        discard never fails for lack of space, and such a page keeps its bytes."""
+        self._zero(offset, length, fua, advisory=True)
 
-    def _zero(self, offset: int, length: int, fua: bool) -> None:
+    def _zero(self, offset: int, length: int, fua: bool, *, advisory: bool) -> None:
         with self._lock:
             self._check_writable()
             self._check_range(offset, length)
@@ -471,7 +473,11 @@ class Store:
                 else:
                     old = self._page_locked(page)
                     lo, hi = start - (page << PAGE_SHIFT), stop - (page << PAGE_SHIFT)
-                    self._accept(page, old[:lo] + bytes(hi - lo) + old[hi:])
+                    try:
+                        self._accept(page, old[:lo] + bytes(hi - lo) + old[hi:])
+                    except StoreFull:
+                        if not advisory:
+                            raise
                 page += 1
             if fua:
                 self._flush_locked()

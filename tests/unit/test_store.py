@@ -335,3 +335,20 @@ def test_block_layout_is_as_specified(store_dir: str) -> None:
     with open(os.path.join(store_dir, "slots"), "rb") as f:
         magic, version = struct.unpack("<8sI", f.read(12))
     assert (magic, version) == (b"DDBKSLOT", 1)
+
+
+def test_discard_never_fails_for_space_but_write_zeroes_may(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    create_store(path, SMALL, backend_size=3 * P)  # header + 2 slots
+    with open_store(path) as store:
+        store.write(0, rand_page(1) + rand_page(2))
+        store.flush()
+        store.trim(100, 50)  # the page would need a third slot: it keeps its bytes
+        assert store.read(0, P) == rand_page(1)
+        with pytest.raises(StoreFull):
+            store.write_zeroes(100, 50)
+        store.trim(P, P)  # a whole page always goes
+        store.flush()
+        store.trim(100, 50)  # now there is room: the partial page is zeroed
+        assert store.read(0, P) == rand_page(1)[:100] + bytes(50) + rand_page(1)[150:]
+    assert check_store(path).problems == []

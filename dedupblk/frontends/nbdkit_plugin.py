@@ -1,0 +1,83 @@
+"""nbdkit entry point for dedupblk: serve a store over NBD.
+
+    nbdkit python dedupblk/frontends/nbdkit_plugin.py store=STORE [size=SIZE] [readonly=true] ...
+
+Parameters (nbdkit's Python plugin cannot show them in --help):
+
+    store=PATH                 (required) the dedupblk store to serve
+    size=SIZE                  create the store with this device size if it is missing
+    backend=PATH               with size=: keep the data slots in this file or device
+    backend-size=SIZE          with size=: the backend's size
+    max-index-entries=N        with size=: bound on the fingerprint index
+    max-share=N                with size=: most mappings one data slot may have
+    readonly=BOOL              open the store read-only; the export refuses writes
+    thread-model=serialize|parallel   nbdkit's thread model (default serialize; for benchmarks)
+
+nbdkit runs this file as `__main__` in its embedded interpreter, Debian's /usr/bin/python3, whose
+`sys.path` has neither this repository nor the project's venv. So before importing dedupblk, the
+top level adds the directory that holds the `dedupblk` package and, if there is one, the
+repository's `.venv` site-packages (`dedupblk serve` also sets PYTHONPATH, which makes both
+no-ops). All logic is in `nbdkit_adapter`; this file only binds one adapter's methods to the names
+nbdkit looks up.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import site
+import sys
+
+
+def _extend_path() -> None:
+    # __file__ exists only while this top level runs (nbdkit loads it with PyRun_SimpleFile).
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if package_root not in sys.path:
+        sys.path.insert(0, package_root)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for venv_site in glob.glob(
+        os.path.join(package_root, ".venv", "lib", version, "site-packages")
+    ):
+        if venv_site not in sys.path:
+            site.addsitedir(venv_site)  # also runs its .pth files (the editable install's)
+
+
+_extend_path()
+
+import nbdkit  # noqa: E402  (exists only inside nbdkit, after the path is set up)
+
+from dedupblk.frontends.nbdkit_adapter import NbdkitPlugin, exit_on_parameter_error  # noqa: E402
+
+# Deliberate errors (a bad parameter, ENOSPC, ...) are one line in nbdkit's log; unexpected ones
+# carry their own formatted traceback (NbdkitPlugin.failure), which this setting does not cut.
+sys.tracebacklimit = 0
+
+API_VERSION = 2
+
+# nbdkit calls module-level names, so the one plugin instance has to live at module level.
+_plugin = NbdkitPlugin(nbdkit)
+
+config = exit_on_parameter_error(_plugin.config)
+config_complete = exit_on_parameter_error(_plugin.config_complete)
+thread_model = _plugin.thread_model
+get_ready = exit_on_parameter_error(_plugin.get_ready)
+after_fork = _plugin.after_fork
+cleanup = _plugin.cleanup
+open = _plugin.open  # nbdkit's callback name; shadows the builtin only in this module
+get_size = _plugin.get_size
+block_size = _plugin.block_size
+can_write = _plugin.can_write
+can_flush = _plugin.can_flush
+can_trim = _plugin.can_trim
+can_zero = _plugin.can_zero
+can_fast_zero = _plugin.can_fast_zero
+can_extents = _plugin.can_extents
+can_multi_conn = _plugin.can_multi_conn
+can_fua = _plugin.can_fua
+is_rotational = _plugin.is_rotational
+pread = _plugin.pread
+pwrite = _plugin.pwrite
+flush = _plugin.flush
+trim = _plugin.trim
+zero = _plugin.zero
+extents = _plugin.extents

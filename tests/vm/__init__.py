@@ -1,0 +1,1 @@
+"""Tests that boot a real Linux kernel under qemu (see harness.py)."""

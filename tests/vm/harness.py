@@ -1,0 +1,720 @@
+"""Run a shell command inside a throw-away VM with Debian's 6.12 kernel (ublk, zram, 9p).
+
+This machine's kernel has no ublk driver, so tests that need a real ublk (or zram, swap, ext4 on a
+block device) boot Debian's ``linux-image-6.12.<N>+deb12-amd64-unsigned`` under ``qemu -accel tcg``
+and run one shell command in it. The guest sees this machine's root filesystem read-only, at the
+same paths, over 9p: every tool the guest needs (fio, mkswap, python3, the project's venv) is
+whatever is installed *here*. In particular a guest command can run
+``/work/main/.venv/bin/python -m pytest ...`` (or ``<repo>/.venv/bin/python``, wherever the
+checkout is) directly once ``make setup`` has made the venv: no copy, no install in the guest.
+
+Use it from Python::
+
+    from tests.vm.harness import Harness, run_in_vm
+
+    result = run_in_vm("uname -r; ls /dev/ublk-control")      # fetches and builds on first use
+    result.returncode, result.output, result.console
+
+    harness = Harness.prepare()                    # kernel + initramfs once, then many boots
+    harness.run(f"{harness.repo_root}/.venv/bin/python -m pytest -q tests/vm/guest", timeout=900)
+
+or from a shell (prints the output, exits with the guest command's status)::
+
+    python -m tests.vm.harness run -- 'fio --version && cat /proc/swaps'
+    python -m tests.vm.harness run --console --scratch-mb 0 -- 'cat /proc/cmdline'
+    python -m tests.vm.harness prepare           # only fetch the kernel and build the initramfs
+
+What the guest command gets:
+
+- ``/bin/sh -c COMMAND`` as root, started in the repository root, stdin from /dev/null, stdout and
+  stderr together in ``VMResult.output``; its exit status is ``VMResult.returncode``.
+- A clean environment: PATH (system directories only: put ``<repo>/.venv/bin`` first yourself),
+  HOME=TMPDIR=/tmp, LANG=C.UTF-8, DEDUPBLK_IN_VM=1, CI copied from the host when set, plus
+  whatever ``env=`` adds. Because the tree is read-only, also PYTHONDONTWRITEBYTECODE=1,
+  PYTEST_ADDOPTS="-p no:cacheprovider" (else pytest's cache warning is an error under
+  ``filterwarnings = error``) and HYPOTHESIS_STORAGE_DIRECTORY=/tmp/hypothesis.
+- This machine's ``/`` read-only (a guest cannot change the host), with fresh proc, sysfs,
+  devtmpfs, devpts and tmpfs on /tmp, /run and /dev/shm. A host /tmp is therefore *not* visible,
+  except the repository itself, which is always re-exposed at its own path even when a CI clone
+  lives under /tmp. The guest's top directory (``/``) is a writable tmpfs.
+- With ``scratch_mb > 0`` (default 512): a sparse raw image, formatted ext4 on the host and
+  attached as virtio disk /dev/vda, mounted at ``/scratch``. Stores that back a swap device must
+  live there, not on tmpfs (tmpfs can itself be swapped out to the device it backs).
+- Modules already loaded (no modprobe in the guest): ublk_drv, zram (one device, zram0), ext4,
+  9p and their dependencies. ``/dev/ublk-control`` exists.
+
+Cost: about 4 s of boot under TCG (no KVM here), 6 s to a finished trivial command; guest code
+runs several times slower than on the host, so keep guest workloads small and compare timings only
+against something measured in the same guest. Starting Python is slow too (``python3 -c pass``
+about 1 s, ``import hypothesis`` about 4 s, a pytest session about 10 s): run many checks per boot
+from one interpreter rather than one interpreter per check.
+
+The first use downloads the kernel package (about 100 MB) with ``apt-get download`` and unpacks
+it under ``<repo>/.cache/vm/``; later uses touch no network. A file lock makes concurrent first
+uses (pytest-xdist workers) safe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import lzma
+import os
+import re
+import shlex
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CACHE_DIR = REPO_ROOT / ".cache" / "vm"
+
+QEMU = "qemu-system-x86_64"
+BUSYBOX = Path("/bin/busybox")
+
+# The kernel series with the ublk driver this project targets; 6.1 (bookworm's default) has none.
+_PACKAGE_PATTERN = r"^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$"
+_PACKAGE_RE = re.compile(r"^linux-image-(6\.12\.(\d+)\+deb12-amd64)-unsigned$")
+_KERNEL_DIR_RE = re.compile(r"^kernel-6\.12\.(\d+)\+deb12-amd64$")
+
+# Modules the init script loads, in this order, each after its dependencies (read from the
+# modules' own .modinfo: the package ships no modules.dep, depmod makes it at install time).
+# 9p first (the host root), then the block drivers the tests are about.
+GUEST_MODULES: tuple[str, ...] = (
+    "netfs",
+    "9pnet",
+    "9pnet_virtio",
+    "9p",
+    "virtio_blk",
+    "crc32c_generic",  # ext4 and jbd2 need a crc32c: their softdep, loaded explicitly
+    "ext4",
+    "zram",
+    "ublk_drv",
+)
+# Soft dependencies name aliases that only a full modules.alias could resolve; the few that occur
+# in GUEST_MODULES are spelled here. An unknown one fails the initramfs build rather than the boot.
+_SOFTDEP_PROVIDERS: dict[str, str] = {
+    "crypto-crc32c": "crc32c_generic",
+    "crc32c": "crc32c_generic",
+}
+
+# Paths whose host content the guest replaces with fresh mounts.
+_GUEST_OWNED = (Path("/tmp"), Path("/run"), Path("/dev"), Path("/proc"), Path("/sys"))
+
+_GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_BOOT_MARKER = re.compile(r"vm-init: job starting at uptime ([0-9.]+)")
+_PANIC_MARKER = "Kernel panic - not syncing"
+_TERMINAL_CONTROL = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|c)")  # SeaBIOS clears the screen
+_CONSOLE_TAIL_LINES = 40
+_POWER_OFF_GRACE = 10.0  # seconds a guest may take to power off after reporting its status
+
+# PID 1 of the guest (busybox ash). It receives job.conf, keep and job.sh over the writable 9p share
+# "vmout" and leaves output and status there. Changing it rebuilds the initramfs.
+INIT_SCRIPT = r"""#!/bin/sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+say() { echo "vm-init: $*"; }
+# No sync first: the status is already on the host (9p writes through), and a sync could hang on
+# a filesystem over a ublk device whose server died.
+halt_now() { poweroff -f; echo o > /proc/sysrq-trigger; while :; do sleep 1; done; }
+die() { say "FATAL: $*"; halt_now; }
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+while read -r m; do
+    insmod "/lib/modules/$m.ko" || die "insmod $m failed"
+done < /modules.order
+# cache=loose: the guest caches the (read-only, short-lived) host tree; a Python import of a
+# large package is three to four times faster than with the default cache=none.
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host \
+    || die "cannot mount the host root (9p tag hostroot)"
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 vmout /out \
+    || die "cannot mount the output share (9p tag vmout)"
+. /out/job.conf
+
+# The new root: a writable tmpfs holding a read-only bind of each top-level host directory.
+R=/newroot
+mount -t tmpfs -o mode=0755 newroot "$R" || die "cannot mount the root tmpfs"
+for p in /host/* /host/.[!.]*; do
+    [ -e "$p" ] || [ -L "$p" ] || continue
+    n=${p#/host/}
+    case "$n" in proc|sys|dev|tmp|run|scratch) continue ;; esac
+    if [ -L "$p" ]; then
+        ln -s "$(readlink "$p")" "$R/$n"
+    elif [ -d "$p" ]; then
+        mkdir "$R/$n" && mount --bind "$p" "$R/$n" || die "cannot bind /$n"
+    fi
+done
+mkdir -p "$R/proc" "$R/sys" "$R/dev" "$R/tmp" "$R/run"
+mount -t proc proc "$R/proc"
+mount -t sysfs sysfs "$R/sys"
+mount -t devtmpfs devtmpfs "$R/dev"
+mkdir -p "$R/dev/shm" "$R/dev/pts"
+mount -t tmpfs -o mode=1777,nosuid,nodev shm "$R/dev/shm"
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts "$R/dev/pts"
+mount -t tmpfs -o mode=1777,nosuid,nodev tmp "$R/tmp"
+mount -t tmpfs -o mode=0755,nosuid,nodev run "$R/run"
+while read -r p; do
+    mkdir -p "$R$p" && mount --bind "/host$p" "$R$p" || die "cannot bind $p"
+done < /out/keep
+if [ "$VM_SCRATCH" = 1 ]; then
+    mkdir "$R/scratch" && mount -t ext4 /dev/vda "$R/scratch" || die "cannot mount /scratch"
+fi
+mkdir "$R/.vm" && cp /out/job.sh "$R/.vm/job.sh" || die "cannot stage the job"
+
+read -r up _ < /proc/uptime
+say "job starting at uptime $up"
+env -i /bin/chroot "$R" /bin/sh /.vm/job.sh > /out/output 2>&1 < /dev/null
+echo $? > /out/status.partial && mv /out/status.partial /out/status
+read -r up _ < /proc/uptime
+say "job finished at uptime $up"
+halt_now
+"""
+
+_INITRAMFS_FORMAT = "1"  # bump when the cpio layout built below changes
+
+
+class VMError(RuntimeError):
+    """The VM could not be prepared or booted, or it died before reporting the command's status."""
+
+
+class VMTimeout(VMError):
+    """The VM ran past its timeout and was killed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelImage:
+    """An unpacked Debian kernel package: ``root`` holds its boot/ and lib/modules/ trees."""
+
+    release: str  # uname -r, e.g. "6.12.117+deb12-amd64"
+    root: Path
+
+    @property
+    def vmlinuz(self) -> Path:
+        return self.root / "boot" / f"vmlinuz-{self.release}"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "boot" / f"config-{self.release}"
+
+    @property
+    def modules_dir(self) -> Path:
+        return self.root / "lib" / "modules" / self.release
+
+
+@dataclasses.dataclass(frozen=True)
+class VMResult:
+    returncode: int
+    output: str  # the command's stdout and stderr, interleaved
+    console: str  # the serial console: kernel messages and the init script's progress lines
+    elapsed: float  # wall-clock seconds from starting qemu to its exit
+    boot_seconds: float | None  # guest uptime when the command started (None if not reported)
+
+
+@contextlib.contextmanager
+def _cache_lock() -> Iterator[None]:
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with (CACHE_DIR / "lock").open("a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _cached_kernel() -> KernelImage | None:
+    """The newest kernel already unpacked in the cache, if any."""
+    if not CACHE_DIR.is_dir():
+        return None
+    found: list[tuple[int, KernelImage]] = []
+    for entry in CACHE_DIR.iterdir():
+        match = _KERNEL_DIR_RE.match(entry.name)
+        if match is None:
+            continue
+        kernel = KernelImage(release=entry.name.removeprefix("kernel-"), root=entry)
+        if kernel.vmlinuz.is_file() and kernel.modules_dir.is_dir():
+            found.append((int(match.group(1)), kernel))
+    return max(found, key=lambda item: item[0])[1] if found else None
+
+
+def _apt_kernel_packages() -> list[str]:
+    """Names of the 6.12 kernel packages apt knows of, newest point release first."""
+    listing = subprocess.run(
+        ["apt-cache", "search", "--names-only", _PACKAGE_PATTERN],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    versions: list[tuple[int, str]] = []
+    for line in listing.splitlines():
+        name = line.split(" ", 1)[0]
+        match = _PACKAGE_RE.match(name)
+        if match is not None:
+            versions.append((int(match.group(2)), name))
+    return [name for _, name in sorted(versions, reverse=True)]
+
+
+def _run_tool(argv: Sequence[str], *, cwd: Path | None = None) -> None:
+    completed = subprocess.run(
+        argv, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+    )
+    if completed.returncode != 0:
+        raise VMError(
+            f"{shlex.join(argv)} exited with {completed.returncode}:\n"
+            f"{completed.stdout}{completed.stderr}"
+        )
+
+
+def ensure_kernel() -> KernelImage:
+    """Return Debian's newest 6.12 kernel, downloading and unpacking it into the cache once.
+
+    Once a kernel is cached this does no apt call at all, so later runs stay offline and on the
+    same kernel; delete ``.cache/vm`` to move to a newer point release.
+    """
+    cached = _cached_kernel()
+    if cached is not None:
+        return cached
+    with _cache_lock():
+        cached = _cached_kernel()  # another process may have finished while we waited
+        if cached is not None:
+            return cached
+        for tool in ("apt-cache", "apt-get", "dpkg-deb"):
+            if shutil.which(tool) is None:
+                raise VMError(f"{tool} not found: the VM kernel comes from Debian's packages")
+        packages = _apt_kernel_packages()
+        if not packages:
+            _run_tool(["apt-get", "update", "-qq"])
+            packages = _apt_kernel_packages()
+        if not packages:
+            raise VMError("apt knows no linux-image-6.12.*+deb12-amd64-unsigned package")
+        package = packages[0]
+        match = _PACKAGE_RE.match(package)
+        assert match is not None
+        release = match.group(1)
+        with tempfile.TemporaryDirectory(dir=CACHE_DIR, prefix="download-") as tmp:
+            work = Path(tmp)
+            _run_tool(
+                ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", package], cwd=work
+            )
+            debs = list(work.glob("*.deb"))
+            if len(debs) != 1:
+                raise VMError(f"apt-get download {package} left {debs} instead of one .deb")
+            tree = work / "tree"
+            _run_tool(["dpkg-deb", "-x", str(debs[0]), str(tree)])
+            kernel = KernelImage(release=release, root=tree)
+            if not kernel.vmlinuz.is_file() or not kernel.modules_dir.is_dir():
+                raise VMError(f"{package} has no {kernel.vmlinuz.name} or modules/{release}")
+            final = CACHE_DIR / f"kernel-{release}"
+            tree.rename(final)  # atomic: a half-unpacked tree is never seen as cached
+        return KernelImage(release=release, root=final)
+
+
+def _elf_modinfo(module: bytes) -> dict[str, list[str]]:
+    """The key=value strings of an (uncompressed) ELF64 module's .modinfo section."""
+    if module[:4] != b"\x7fELF" or module[4] != 2:
+        raise VMError("not an ELF64 kernel module")
+    (section_offset,) = struct.unpack_from("<Q", module, 0x28)
+    entry_size, count, names_index = struct.unpack_from("<HHH", module, 0x3A)
+    sections = [
+        struct.unpack_from("<I20xQQ", module, section_offset + i * entry_size) for i in range(count)
+    ]
+    names_offset = sections[names_index][1]
+    info: dict[str, list[str]] = {}
+    for name_offset, offset, size in sections:
+        start = names_offset + name_offset
+        if module[start : module.index(b"\0", start)] != b".modinfo":
+            continue
+        for field in module[offset : offset + size].split(b"\0"):
+            key, sep, value = field.decode(errors="replace").partition("=")
+            if sep:
+                info.setdefault(key, []).append(value)
+    return info
+
+
+def _module_load_order(kernel: KernelImage, wanted: Sequence[str]) -> list[tuple[str, bytes]]:
+    """``wanted`` plus dependencies, each after what it needs, as (name, uncompressed .ko)."""
+    index = {
+        path.name.removesuffix(".ko.xz").replace("-", "_"): path
+        for path in kernel.modules_dir.rglob("*.ko.xz")
+    }
+    builtin_file = kernel.modules_dir / "modules.builtin"
+    builtin = {
+        Path(line).name.removesuffix(".ko").replace("-", "_")
+        for line in builtin_file.read_text().splitlines()
+    }
+    ordered: list[tuple[str, bytes]] = []
+    done: set[str] = set()
+    visiting: set[str] = set()
+
+    def visit(name: str, wanted_by: str) -> None:
+        name = name.replace("-", "_")
+        if name in done or name in builtin:
+            return
+        if name in visiting:
+            raise VMError(f"module dependency cycle through {name}")
+        if name not in index:
+            raise VMError(f"module {name} (for {wanted_by}) not in {kernel.modules_dir}")
+        visiting.add(name)
+        image = lzma.decompress(index[name].read_bytes())
+        info = _elf_modinfo(image)
+        for softdep in info.get("softdep", []):
+            # "pre: a b post: c": only "pre" modules must be there before this one loads.
+            words = softdep.split()
+            pre = words[words.index("pre:") + 1 :] if "pre:" in words else []
+            for alias in pre:
+                if alias.endswith(":"):
+                    break
+                provider = _SOFTDEP_PROVIDERS.get(alias, alias)
+                if provider.replace("-", "_") not in index and provider not in builtin:
+                    raise VMError(f"softdep {alias} of {name}: add it to _SOFTDEP_PROVIDERS")
+                visit(provider, name)
+        for dependency in ",".join(info.get("depends", [])).split(","):
+            if dependency:
+                visit(dependency, name)
+        visiting.discard(name)
+        done.add(name)
+        ordered.append((name, image))
+
+    for name in wanted:
+        visit(name, "the guest")
+    return ordered
+
+
+class _Cpio:
+    """A minimal writer of the "newc" cpio format the kernel unpacks as initramfs."""
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._inode = 0
+
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
+        self._inode += 1
+        encoded = name.encode() + b"\0"
+        fields = (self._inode, mode, 0, 0, 1, 0, len(data), 0, 0, *rdev, len(encoded), 0)
+        header = b"070701" + b"".join(f"{field:08x}".encode() for field in fields)
+        self._chunks += [header, encoded, b"\0" * (-(len(header) + len(encoded)) % 4)]
+        self._chunks += [data, b"\0" * (-len(data) % 4)]
+
+    def directory(self, name: str) -> None:
+        self._entry(name, 0o040755)
+
+    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        self._entry(name, 0o100000 | mode, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, 0o120777, target.encode())
+
+    def char_device(self, name: str, major: int, minor: int) -> None:
+        self._entry(name, 0o020600, rdev=(major, minor))
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        return b"".join(self._chunks)
+
+
+def ensure_initramfs(kernel: KernelImage) -> Path:
+    """Build (or reuse) the initramfs for ``kernel``: busybox, the init script, GUEST_MODULES.
+
+    It is uncompressed on purpose: decompressing under TCG costs more boot time than qemu
+    spends reading a few extra megabytes.
+    """
+    if not BUSYBOX.is_file():
+        raise VMError(f"{BUSYBOX} not found: install Debian's busybox-static")
+    busybox = BUSYBOX.read_bytes()
+    key = hashlib.sha256()
+    for part in (_INITRAMFS_FORMAT, kernel.release, INIT_SCRIPT, *GUEST_MODULES):
+        key.update(part.encode() + b"\0")
+    key.update(hashlib.sha256(busybox).digest())
+    target = CACHE_DIR / f"initramfs-{kernel.release}-{key.hexdigest()[:16]}.cpio"
+    if target.is_file():
+        return target
+    with _cache_lock():
+        if target.is_file():
+            return target
+        modules = _module_load_order(kernel, GUEST_MODULES)
+        cpio = _Cpio()
+        for directory in ("bin", "dev", "proc", "sys", "host", "out", "newroot", "lib"):
+            cpio.directory(directory)
+        cpio.directory("lib/modules")
+        cpio.char_device("dev/console", 5, 1)
+        cpio.file("bin/busybox", busybox, 0o755)
+        cpio.symlink("bin/sh", "busybox")
+        cpio.file("init", INIT_SCRIPT.encode(), 0o755)
+        cpio.file("modules.order", "".join(f"{name}\n" for name, _ in modules).encode())
+        for name, image in modules:
+            cpio.file(f"lib/modules/{name}.ko", image)
+        partial = target.with_suffix(".partial")
+        partial.write_bytes(cpio.finish())
+        partial.rename(target)
+        # Old builds go once they are surely not about to be handed to a qemu starting elsewhere.
+        for stale in CACHE_DIR.glob("initramfs-*.cpio"):
+            if stale != target and stale.stat().st_mtime < time.time() - 3600:
+                stale.unlink(missing_ok=True)
+    return target
+
+
+def _qemu_value(path: Path) -> str:
+    """``path`` as the value of a qemu key=value option (a comma is written twice)."""
+    return str(path).replace(",", ",,")
+
+
+def _tail(text: str, lines: int = _CONSOLE_TAIL_LINES) -> str:
+    """The last ``lines`` lines of ``text``, indented for an error message."""
+    return "\n".join(f"  | {line}" for line in text.splitlines()[-lines:]) or "  | (nothing)"
+
+
+def _job_script(command: str, env: Mapping[str, str] | None, cwd: Path) -> str:
+    variables = {
+        "PATH": _GUEST_PATH,
+        "HOME": "/tmp",
+        "TMPDIR": "/tmp",
+        "LANG": "C.UTF-8",
+        # The host tree is read-only in the guest: tools must not try to write caches into it.
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTEST_ADDOPTS": "-p no:cacheprovider",
+        "HYPOTHESIS_STORAGE_DIRECTORY": "/tmp/hypothesis",
+        "DEDUPBLK_IN_VM": "1",
+    }
+    if "CI" in os.environ:
+        variables["CI"] = os.environ["CI"]
+    variables.update(env or {})
+    lines = [f"export {name}={shlex.quote(value)}" for name, value in variables.items()]
+    lines.append(f"cd {shlex.quote(str(cwd))} || exit 125")
+    lines.append(f"exec /bin/sh -c {shlex.quote(command)}")
+    return "\n".join(lines) + "\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class Harness:
+    """A prepared kernel and initramfs; ``run`` boots a fresh VM for each command."""
+
+    kernel: KernelImage
+    initramfs: Path
+    repo_root: Path = REPO_ROOT
+
+    @classmethod
+    def prepare(cls) -> Harness:
+        """Check qemu is installed, then fetch the kernel and build the initramfs if needed."""
+        if shutil.which(QEMU) is None:
+            raise VMError(f"{QEMU} not found: install Debian's qemu-system-x86 (make setup)")
+        kernel = ensure_kernel()
+        return cls(kernel=kernel, initramfs=ensure_initramfs(kernel))
+
+    def qemu_argv(self, share: Path, scratch: Path | None, memory_mb: int) -> list[str]:
+        argv = [
+            QEMU,
+            "-accel", "tcg",
+            "-cpu", "max",
+            "-smp", "2",
+            "-m", str(memory_mb),
+            "-nographic",
+            "-no-reboot",
+            "-nic", "none",
+            "-kernel", str(self.kernel.vmlinuz),
+            "-initrd", str(self.initramfs),
+            "-append", "console=ttyS0 quiet panic=-1",
+            "-virtfs",
+            "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+            "-virtfs",
+            f"local,path={_qemu_value(share)},mount_tag=vmout,security_model=none,multidevs=remap",
+        ]  # fmt: skip
+        if scratch is not None:
+            argv += [
+                "-drive",
+                f"file={_qemu_value(scratch)},format=raw,if=virtio,cache=unsafe,discard=unmap",
+            ]
+        return argv
+
+    def run(
+        self,
+        command: str,
+        *,
+        timeout: float = 600,
+        memory_mb: int = 2048,
+        scratch_mb: int = 512,
+        env: Mapping[str, str] | None = None,
+    ) -> VMResult:
+        """Boot a VM, run ``command`` with /bin/sh in it, and return its status and output.
+
+        Raises VMTimeout (qemu killed) after ``timeout`` seconds, VMError if the guest panicked
+        or powered off without reporting a status. Both messages end with the console's tail.
+        """
+        keep = [
+            str(self.repo_root) for owned in _GUEST_OWNED if self.repo_root.is_relative_to(owned)
+        ]
+        with tempfile.TemporaryDirectory(prefix="dedupblk-vm-") as tmp:
+            work = Path(tmp)
+            share = work / "share"
+            share.mkdir()
+            (share / "job.conf").write_text(f"VM_SCRATCH={int(scratch_mb > 0)}\n")
+            (share / "keep").write_text("".join(f"{path}\n" for path in keep))
+            (share / "job.sh").write_text(_job_script(command, env, self.repo_root))
+            scratch = None
+            if scratch_mb > 0:
+                scratch = work / "scratch.img"
+                _make_scratch_image(scratch, scratch_mb)
+            console_path = work / "console.log"
+            started = time.monotonic()
+            with console_path.open("wb") as console_file:
+                qemu = subprocess.Popen(
+                    self.qemu_argv(share, scratch, memory_mb),
+                    stdin=subprocess.DEVNULL,
+                    stdout=console_file,
+                    stderr=subprocess.STDOUT,
+                )
+                try:
+                    finished = _wait_for_guest(qemu, share / "status", timeout)
+                finally:
+                    if qemu.poll() is None:  # timed out, hung at power-off, or ^C
+                        qemu.kill()
+                        qemu.wait()
+            if not finished:
+                output = _read_optional(share / "output")
+                raise VMTimeout(
+                    f"VM still running after {timeout:g} s, killed.\n"
+                    f"command output so far (tail):\n{_tail(output, 20)}\n"
+                    f"console (tail):\n{_tail(_read_console(console_path))}"
+                )
+            elapsed = time.monotonic() - started
+            console = _read_console(console_path)
+            status = _read_optional(share / "status").strip()
+            output = _read_optional(share / "output")
+        panic = [line for line in console.splitlines() if _PANIC_MARKER in line]
+        if panic:
+            raise VMError(f"the guest kernel panicked ({panic[0].strip()}):\n{_tail(console)}")
+        if not status.isdigit():
+            raise VMError(
+                f"the VM stopped (qemu exit {qemu.returncode}) without reporting the command's "
+                f"status {status!r}:\n{_tail(console)}"
+            )
+        boot = _BOOT_MARKER.search(console)
+        return VMResult(
+            returncode=int(status),
+            output=output,
+            console=console,
+            elapsed=elapsed,
+            boot_seconds=float(boot.group(1)) if boot else None,
+        )
+
+
+def _wait_for_guest(qemu: subprocess.Popen[bytes], status: Path, timeout: float) -> bool:
+    """Wait until qemu exits or, once the guest has written ``status``, a short grace period.
+
+    False if ``timeout`` passed first. A guest that reported its status but does not power off
+    (a device hung at shutdown) costs the grace period, not the whole timeout.
+    """
+    deadline = time.monotonic() + timeout
+    power_off_deadline: float | None = None
+    while qemu.poll() is None:
+        now = time.monotonic()
+        if power_off_deadline is None and status.exists():
+            power_off_deadline = now + _POWER_OFF_GRACE
+        if power_off_deadline is not None and now > power_off_deadline:
+            return True
+        if now > deadline:
+            return status.exists()
+        time.sleep(0.1)
+    return True
+
+
+def _make_scratch_image(path: Path, size_mb: int) -> None:
+    """A sparse raw image holding an empty ext4 (formatted here: mke2fs under TCG is slower)."""
+    with path.open("wb") as image:
+        image.truncate(size_mb << 20)
+    mkfs = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
+    # Inode tables and journal zeroed now (cheap on a sparse file), so no ext4lazyinit thread
+    # writes in the background of a guest benchmark.
+    argv = [mkfs, "-q", "-F", "-m", "0", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(path)]
+    _run_tool(argv)
+
+
+def _read_console(path: Path) -> str:
+    return _TERMINAL_CONTROL.sub("", path.read_text(errors="replace"))
+
+
+def _read_optional(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def run_in_vm(
+    command: str,
+    *,
+    timeout: float = 600,
+    memory_mb: int = 2048,
+    scratch_mb: int = 512,
+    env: dict[str, str] | None = None,
+) -> VMResult:
+    """Prepare the harness if needed and run ``command`` in a fresh VM (see ``Harness.run``)."""
+    return Harness.prepare().run(
+        command, timeout=timeout, memory_mb=memory_mb, scratch_mb=scratch_mb, env=env
+    )
+
+
+def _env_pair(pair: str) -> tuple[str, str]:
+    name, sep, value = pair.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {pair!r}")
+    return name, value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.vm.harness",
+        description="Boot Debian's 6.12 kernel under qemu and run one shell command in it. "
+        "Exits with the command's status, or 125 if the VM itself failed.",
+    )
+    commands = parser.add_subparsers(dest="action", required=True)
+    commands.add_parser("prepare", help="fetch the kernel and build the initramfs, then exit")
+    run = commands.add_parser("run", help="run a shell command in a fresh VM")
+    run.add_argument("--timeout", type=float, default=600, help="seconds (default 600)")
+    run.add_argument("--memory-mb", type=int, default=2048)
+    run.add_argument("--scratch-mb", type=int, default=512, help="ext4 /scratch size, 0 for none")
+    run.add_argument(
+        "-e", "--env", action="append", default=[], type=_env_pair, metavar="NAME=VALUE"
+    )
+    run.add_argument("--console", action="store_true", help="print the console log to stderr")
+    run.add_argument("command", nargs="+", help="shell command (words are joined by spaces)")
+    args = parser.parse_args(argv)
+    try:
+        harness = Harness.prepare()
+        if args.action == "prepare":
+            print(f"kernel {harness.kernel.release}: {harness.kernel.vmlinuz}")
+            print(f"initramfs: {harness.initramfs}")
+            return 0
+        result = harness.run(
+            " ".join(args.command),
+            timeout=args.timeout,
+            memory_mb=args.memory_mb,
+            scratch_mb=args.scratch_mb,
+            env=dict(args.env),
+        )
+    except VMError as error:
+        print(f"vm harness: {error}", file=sys.stderr)
+        return 125
+    if args.console:
+        sys.stderr.write(result.console)
+    sys.stdout.write(result.output)
+    boot = f"{result.boot_seconds:.1f} s" if result.boot_seconds is not None else "?"
+    print(
+        f"vm harness: exit {result.returncode}, boot {boot}, total {result.elapsed:.1f} s",
+        file=sys.stderr,
+    )
+    return result.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

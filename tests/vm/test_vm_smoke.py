@@ -1,0 +1,50 @@
+"""The guest has what the ublk and swap tests rely on (one boot), and the harness's errors work."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import pytest
+
+from .harness import Harness, VMTimeout
+
+# Each check announces itself, so a failure (set -e: exit 1) names the last one announced.
+_GUEST_CHECKS = r"""
+set -eu
+checking() { echo "checking $1"; }
+checking kernel;   uname -r | sed 's/^/kernel /'
+checking ublk;     test -c /dev/ublk-control
+checking zram;     test -e /sys/block/zram0 || test -e /sys/class/zram-control
+checking scratch;  awk '$2 == "/scratch" {print "scratch " $3}' /proc/mounts
+                   echo data > /scratch/probe && test "$(cat /scratch/probe)" = data
+checking python;   /usr/bin/python3 -c 'import sys; print("python", sys.version.split()[0])'
+checking readonly; if touch /usr/.vm-probe 2>/dev/null; then exit 1; fi
+checking tmp;      echo data > "$HOME/probe"
+checking env;      test "$SMOKE_VALUE" = "a b'c\$d"; echo "ci ${CI-unset}"
+checking cwd;      test -f pyproject.toml
+echo "all checks passed"
+exit 7
+"""
+
+
+def test_guest_environment(vm: Harness) -> None:
+    started = time.monotonic()
+    result = vm.run(_GUEST_CHECKS, env={"SMOKE_VALUE": "a b'c$d"}, timeout=300)
+    elapsed = time.monotonic() - started
+    context = f"output:\n{result.output}\nconsole:\n{result.console}"
+    assert "all checks passed" in result.output, context
+    assert result.returncode == 7, context  # a nonzero status comes back as is
+    assert re.search(r"^kernel 6\.12\.", result.output, re.MULTILINE), context
+    assert "scratch ext4" in result.output, context
+    assert re.search(r"^python 3\.\d+", result.output, re.MULTILINE), context
+    assert f"ci {os.environ.get('CI', 'unset')}" in result.output, context
+    assert result.boot_seconds is not None, context
+    print(f"boot {result.boot_seconds:.1f} s (guest uptime), run {elapsed:.1f} s (host)")
+
+
+def test_timeout_kills_the_vm(vm: Harness) -> None:
+    # Killed long before the kernel is up: no boot is paid for.
+    with pytest.raises(VMTimeout, match=r"(?s)still running after 1 s, killed.*console \(tail\)"):
+        vm.run("true", timeout=1, scratch_mb=0)
