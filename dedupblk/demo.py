@@ -1,59 +1,63 @@
-"""The main job (``make demo``): create a store, write a swap-like workload into it, print stats.
+"""The main job (``make demo``): serve a fresh store over NBD, run the swap-like fio job against it,
+stop the server, check the store and print its stats (dedup ratio, bytes saved).
 
-The workload imitates what swap sees: pages of a few program images repeated many times, zero
-pages, same-filled pages and unique pages, written in random order with overwrites and discards.
+Everything goes through the real pieces a user runs: ``dedupblk create``, ``dedupblk serve
+--frontend nbd --foreground`` (nbdkit and the plugin), fio's nbd engine with
+``fio-jobs/swap-mix.fio``, then ``dedupblk check`` and ``dedupblk stats``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import shutil
+import signal
+import subprocess
 import sys
-from dataclasses import asdict
+from pathlib import Path
 
-from .store import PAGE_SIZE, check_store, create_store, open_store
+REPO = Path(__file__).resolve().parent.parent
+DEMO_DIR = Path(os.environ.get("DEDUPBLK_DEMO_DIR", "/var/tmp/dedupblk-demo"))  # noqa: S108
+SIZE = os.environ.get("DEDUPBLK_DEMO_SIZE", "256M")
+RUNTIME = os.environ.get("DEDUPBLK_DEMO_RUNTIME", "10")
 
-DEMO_DIR = "/var/tmp/dedupblk-demo"
 
-
-def swap_like_pages(count: int, rng: random.Random) -> list[bytes]:
-    images = [rng.randbytes(PAGE_SIZE) for _ in range(256)]  # shared library and heap pages
-    out = []
-    for _ in range(count):
-        kind = rng.randrange(100)
-        if kind < 45:
-            out.append(rng.choice(images))
-        elif kind < 65:
-            out.append(bytes(PAGE_SIZE))
-        elif kind < 75:
-            out.append(bytes([rng.randrange(1, 256)]) * PAGE_SIZE)
-        else:
-            out.append(rng.randbytes(PAGE_SIZE))
-    return out
+def _dedupblk(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dedupblk.cli", *args]
 
 
 def main() -> int:
-    store_dir = os.environ.get("DEDUPBLK_DEMO_STORE", DEMO_DIR)
-    shutil.rmtree(store_dir, ignore_errors=True)
-    pages = 16384  # a 64 MiB device
-    create_store(store_dir, pages * PAGE_SIZE)
-    rng = random.Random(2026)
-    contents = swap_like_pages(pages, rng)
-    with open_store(store_dir) as store:
-        for page in rng.sample(range(pages), pages):
-            store.write(page * PAGE_SIZE, contents[page])
-        for _ in range(64):  # swap frees slots: discard a few ranges
-            start = rng.randrange(pages - 16)
-            store.trim(start * PAGE_SIZE, 16 * PAGE_SIZE)
-        store.flush()
-        stats = store.statistics()
-    result = check_store(store_dir)
-    print(f"store {store_dir}: {pages} pages written, check "
-          f"{'clean' if not result.problems else 'FAILED'}")
-    print(json.dumps(asdict(stats), indent=2))
-    return 0 if not result.problems else 1
+    shutil.rmtree(DEMO_DIR, ignore_errors=True)
+    DEMO_DIR.mkdir(parents=True)
+    store = DEMO_DIR / "store"
+    socket = DEMO_DIR / "nbd.sock"
+    subprocess.run(_dedupblk("create", str(store), "--size", SIZE), check=True)
+    server = subprocess.Popen(
+        _dedupblk("serve", str(store), "--frontend", "nbd", "--socket", str(socket),
+                  "--foreground"),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        uri = server.stdout.readline().strip()
+        if not uri.startswith("nbd"):
+            print("dedupblk: the NBD server did not start", file=sys.stderr)
+            return 1
+        print(f"serving {store} at {uri}; running fio-jobs/swap-mix.fio ({SIZE}, {RUNTIME}s a phase)")
+        fio = subprocess.run(
+            ["fio", "--ioengine=nbd", f"--uri={uri}", str(REPO / "fio-jobs" / "swap-mix.fio")],
+            env=dict(os.environ, SIZE=SIZE, RUNTIME=RUNTIME),
+            check=False,
+        )
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+    if fio.returncode != 0:
+        return fio.returncode
+    print("\nafter the server stopped:")
+    check = subprocess.run(_dedupblk("check", str(store)), check=False)
+    subprocess.run(_dedupblk("stats", str(store)), check=True)
+    return check.returncode
 
 
 if __name__ == "__main__":
