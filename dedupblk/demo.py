@@ -43,7 +43,7 @@ def main() -> int:
         if not uri.startswith("nbd"):
             print("dedupblk: the NBD server did not start", file=sys.stderr)
             return 1
-        print(f"serving {store} at {uri}; running fio-jobs/swap-mix.fio ({SIZE}, {RUNTIME}s a phase)")
+        print(f"serving {store} at {uri}; fio-jobs/swap-mix.fio, {SIZE}, {RUNTIME} s a phase")
         fio = subprocess.run(
             ["fio", "--ioengine=nbd", f"--uri={uri}", str(REPO / "fio-jobs" / "swap-mix.fio")],
             env=dict(os.environ, SIZE=SIZE, RUNTIME=RUNTIME),
