@@ -75,6 +75,7 @@ class Meta:
         self.free = self.dbs[DB_FREE]
         self.deferred = self.dbs[DB_DEFERRED]
         self._key = os.path.realpath(path)
+        self._reader: Any = None
         _OPEN[self._key] = self
 
     @staticmethod
@@ -103,6 +104,20 @@ class Meta:
         except Exception as exc:
             raise FormatError(f"{store_dir}: undecodable config or state record") from exc
 
+    def reader(self) -> Any:
+        """A read transaction showing the last commit, reused between commits (beginning one per
+        request costs more than the lookups it serves). For the store's lock holder only."""
+        if self._reader is None:
+            self._reader = self.env.begin(buffers=False)
+        return self._reader
+
+    def _drop_reader(self) -> None:
+        """End the reused read transaction: it would show a stale snapshot and keep LMDB from
+        reusing the pages that later commits free."""
+        if self._reader is not None:
+            self._reader.abort()
+            self._reader = None
+
     def write(self, body: Callable[[Any], T]) -> T:
         """Run ``body(txn)`` in one write transaction and commit it, growing the map when full.
 
@@ -116,11 +131,13 @@ class Meta:
                 txn.commit()
             except lmdb.MapFullError:
                 txn.abort()
+                self._drop_reader()  # growing the map needs no open transaction
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
                 continue
             except BaseException:
                 txn.abort()
                 raise
+            self._drop_reader()
             return result
 
     def entries(self, txn: Any, db: Any) -> int:
@@ -141,4 +158,5 @@ class Meta:
     def close(self) -> None:
         if _OPEN.get(self._key) is self:
             del _OPEN[self._key]
+        self._drop_reader()
         self.env.close()

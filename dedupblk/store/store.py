@@ -388,22 +388,21 @@ class Store:
             pending = self._pending
             meta = self._meta
             parts: list[bytes] = []
-            with meta.env.begin(buffers=False) as txn:
-                get = txn.get
-                mapdb = meta.map
-                for page in range(first, last + 1):
-                    entry = pending.get(page)
-                    if entry is not None:
-                        parts.append(entry[2] or (fill_page(entry[1]) if entry[1] else ZERO_PAGE))
-                        continue
-                    raw = get(_pack_u64(page), db=mapdb)
-                    if raw is None:
-                        parts.append(ZERO_PAGE)
-                        continue
-                    kind, value = _unpack_map(raw)
-                    parts.append(
-                        self._backend.read_slot(value) if kind == KIND_SLOT else fill_page(value)
-                    )
+            get = meta.reader().get
+            mapdb = meta.map
+            for page in range(first, last + 1):
+                entry = pending.get(page)
+                if entry is not None:
+                    parts.append(entry[2] or (fill_page(entry[1]) if entry[1] else ZERO_PAGE))
+                    continue
+                raw = get(_pack_u64(page), db=mapdb)
+                if raw is None:
+                    parts.append(ZERO_PAGE)
+                    continue
+                kind, value = _unpack_map(raw)
+                parts.append(
+                    self._backend.read_slot(value) if kind == KIND_SLOT else fill_page(value)
+                )
             data = parts[0] if len(parts) == 1 else b"".join(parts)
             start = offset - (first << PAGE_SHIFT)
             if start == 0 and length == len(data):
