@@ -1,0 +1,479 @@
+"""Guest side of tests/vm/test_ublk.py: real ublk checks, one group per boot.
+
+Runs inside the VM with the project's venv python (``python tests/vm/guest/ublk_checks.py GROUP``):
+
+- ``block``: fio verify across a server restart, ext4 with fsck and checksums, blkdiscard, crash
+  and ``--recover``, ``devices --cleanup``.
+- ``swap``: the tmpfs refusal, then real swap on the device: a memory hog confined to a memory
+  cgroup allocates 1.5 times its limit in pages that are zero, same-filled, duplicated or unique,
+  verifies every byte, and the store's statistics show the dedup.
+- ``allocate BYTES CGROUP``: the memory hog itself (run as a child by ``swap``).
+
+Every check prints ``ok: NAME`` when it passed; the first failure prints ``FAIL: NAME: why`` and
+exits 1, so the host test sees which one broke.  No check depends on timing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dedupblk.frontends.ublk import DeviceInfo, list_devices
+
+PAGE = 4096
+WORK = Path("/tmp")  # the guest's own tmpfs (cwd is the read-only repository)
+# PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE: what prctl(PR_SET_IO_FLUSHER, 1) sets on a thread.
+IO_FLUSHER_FLAGS = 0x00080000 | 0x00100000
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def require(condition: bool, why: str) -> None:
+    if not condition:
+        raise CheckFailed(why)
+
+
+@contextmanager
+def check(name: str) -> Iterator[None]:
+    print(f"-- {name}", flush=True)
+    try:
+        yield
+    except CheckFailed as exc:
+        print(f"FAIL: {name}: {exc}", flush=True)
+        sys.exit(1)
+    print(f"ok: {name}", flush=True)
+
+
+def run(*argv: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=WORK, check=False)
+    if ok and done.returncode != 0:
+        raise CheckFailed(
+            f"{' '.join(argv)} exited {done.returncode}\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+        )
+    return done
+
+
+def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    return run(sys.executable, "-m", "dedupblk.cli", *args, ok=ok)
+
+
+def stats(store: str) -> dict[str, float]:
+    result: dict[str, float] = json.loads(cli("stats", store, "--json").stdout)
+    return result
+
+
+def devices() -> list[DeviceInfo]:
+    return list_devices()
+
+
+class Server:
+    """``dedupblk serve STORE --frontend ublk ...`` in the background."""
+
+    def __init__(self, store: str, *options: str) -> None:
+        self.log = WORK / f"server-{time.monotonic_ns()}.log"
+        with self.log.open("w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dedupblk.cli", "serve", store, "--frontend", "ublk",
+                 *options],
+                stdout=subprocess.PIPE, stderr=err, text=True, cwd=WORK,
+            )  # fmt: skip
+        assert self.proc.stdout is not None
+        self.path = self.proc.stdout.readline().strip()  # printed once the device is started
+        if not self.path:
+            self.proc.wait()
+            raise CheckFailed(f"server exited {self.proc.returncode}: {self.log.read_text()}")
+        self.dev_id = int(self.path.removeprefix("/dev/ublkb"))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def errors(self) -> str:
+        return self.log.read_text()
+
+
+def checksum(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fio(dev: str, *extra: str) -> None:
+    run(
+        "fio", "--name=ublk-verify", f"--filename={dev}", "--rw=randwrite", "--bs=4k",
+        "--size=32M", "--ioengine=libaio", "--iodepth=16", "--direct=1", "--verify=crc32c",
+        "--verify_fatal=1", "--verify_state_save=0", "--randrepeat=1", "--randseed=4321",
+        *extra,
+    )  # fmt: skip
+
+
+def wait_for(predicate: Callable[[], bool], what: str, seconds: float = 60) -> None:
+    """Poll for a kernel-side state change (not a timing assertion: the limit only bounds a
+    hang, and is far above how long the change takes)."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise CheckFailed(f"still waiting for {what} after {seconds:g} s")
+        time.sleep(0.2)
+
+
+# -- block --------------------------------------------------------------------------------------
+
+
+def block_checks() -> None:
+    store = "/scratch/block-store"
+    cli("create", store, "--size", "256M")
+
+    with check("serve prints the device and runs hardened"):
+        server = Server(store)
+        dev = server.path
+        require(Path(dev).is_block_device(), f"{dev} is not a block device")
+        queue = Path(f"/sys/block/ublkb{server.dev_id}/queue")
+        require((queue / "logical_block_size").read_text().strip() == "4096", "logical block")
+        require((queue / "physical_block_size").read_text().strip() == "4096", "physical block")
+        require((queue / "discard_granularity").read_text().strip() == "4096", "discard")
+        require((queue / "write_cache").read_text().strip() == "write back", "volatile cache")
+        require((queue / "fua").read_text().strip() == "1", "fua")
+        require(Path(f"/proc/{server.pid}/oom_score_adj").read_text().strip() == "-1000", "oom")
+        status = Path(f"/proc/{server.pid}/status").read_text()
+        locked = int(status.split("VmLck:")[1].split()[0])
+        require(locked > 0, "mlockall did not lock anything")
+        for task in Path(f"/proc/{server.pid}/task").iterdir():
+            comm = (task / "comm").read_text().strip()
+            if comm.startswith("iou-"):
+                continue  # io_uring's own workers (kernel-side)
+            flags = int((task / "stat").read_text().rsplit(")", 1)[1].split()[6])
+            require(
+                flags & IO_FLUSHER_FLAGS == IO_FLUSHER_FLAGS,
+                f"thread {task.name} ({comm}) is not an IO_FLUSHER: flags {flags:#x}",
+            )
+        listed = [d for d in devices() if d.dev_id == server.dev_id]
+        require(len(listed) == 1 and listed[0].state == "live", f"devices: {listed}")
+        require(listed[0].server_pid == server.pid and listed[0].server_alive, f"{listed}")
+        require(dev in cli("devices").stdout, "`dedupblk devices` does not list it")
+
+    with check("fio random 4K writes verify (crc32c)"):
+        fio(dev, "--do_verify=1")
+
+    with check("clean stop removes the device and leaves a clean store"):
+        code = server.stop()
+        require(code == 0, f"exit {code}: {server.errors()}")
+        require(not Path(dev).exists(), f"{dev} still exists")
+        require(devices() == [], f"devices left: {devices()}")
+        cli("check", store)
+
+    with check("fio verifies the same data after a restart"):
+        server = Server(store)
+        dev = server.path
+        fio(dev, "--verify_only")
+
+    mnt = WORK / "mnt"  # the guest's /mnt is the host's, read-only
+    mnt.mkdir(exist_ok=True)
+    with check("ext4: files, fsck, remount, checksums"):
+        run("mkfs.ext4", "-q", "-F", dev)  # discards the whole device first
+        run("mount", dev, str(mnt))
+        unique = os.urandom(8 << 20)
+        (mnt / "random.bin").write_bytes(unique)
+        for i in range(4):
+            (mnt / f"copy{i}.bin").write_bytes(unique)
+        (mnt / "zeros.bin").write_bytes(bytes(8 << 20))
+        small = mnt / "small"
+        small.mkdir()
+        for i in range(200):
+            (small / f"f{i}").write_bytes(os.urandom(100 + 97 * i))
+        files = [p for p in mnt.rglob("*") if p.is_file()]
+        sums = {p: checksum(p) for p in files}
+        run("umount", str(mnt))
+        run("e2fsck", "-fn", dev)
+        run("mount", dev, str(mnt))
+        bad = [str(p) for p in files if checksum(p) != sums[p]]
+        require(not bad, f"checksums differ after remount: {bad}")
+        run("umount", str(mnt))
+        usage = stats(store)
+        require(usage["dedup_ratio"] > 1, f"four copies of one file did not dedup: {usage}")
+
+    with check("blkdiscard lowers stored_pages"):
+        before = stats(store)["stored_pages"]
+        run("blkdiscard", dev)
+        after = stats(store)["stored_pages"]
+        require(after < before, f"stored_pages {before} -> {after}")
+        print(f"stored_pages {before:.0f} -> {after:.0f}")
+
+    with check("SIGKILL then --recover resumes I/O on the same device"):
+        pattern = os.urandom(4 << 20)
+        (WORK / "pattern").write_bytes(pattern)
+        run("dd", f"if={WORK / 'pattern'}", f"of={dev}", "bs=1M", "oflag=direct", "conv=fsync")
+        dev_id = server.dev_id
+        server.kill()
+        wait_for(lambda: any(d.state == "quiesced" for d in devices()), "the quiesced device")
+        (stale,) = devices()
+        require(stale.dev_id == dev_id and not stale.server_alive, f"{stale}")
+        require(Path(dev).exists(), f"{dev} disappeared with its server")
+        reader = subprocess.Popen(
+            ["dd", f"if={dev}", f"of={WORK / 'readback'}", "bs=1M", "count=4", "iflag=direct"],
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        server = Server(store, "--recover", str(dev_id))
+        require(server.path == dev, f"recovered as {server.path}, not {dev}")
+        _, reader_err = reader.communicate()
+        require(reader.returncode == 0, f"read across the recovery failed: {reader_err}")
+        require((WORK / "readback").read_bytes() == pattern, "data read after recovery differs")
+        again = os.urandom(1 << 20)
+        (WORK / "again").write_bytes(again)
+        run("dd", f"if={WORK / 'again'}", f"of={dev}", "bs=1M", "seek=8", "oflag=direct")
+        run("dd", f"if={dev}", f"of={WORK / 'again-read'}", "bs=1M", "skip=8", "count=1",
+            "iflag=direct")  # fmt: skip
+        require((WORK / "again-read").read_bytes() == again, "write after recovery differs")
+        code = server.stop()
+        require(code == 0, f"recovered server exit {code}: {server.errors()}")
+        require(devices() == [], f"devices left: {devices()}")
+        cli("check", store)
+
+    with check("devices --cleanup deletes a dead server's device"):
+        server = Server(store)
+        server.kill()
+        out = cli("devices", "--cleanup").stdout
+        require(f"deleted ublk device {server.dev_id}" in out, f"cleanup said: {out!r}")
+        require(devices() == [], f"devices left: {devices()}")
+        require(not Path(server.path).exists(), f"{server.path} still exists")
+        cli("check", store)
+
+
+# -- swap ---------------------------------------------------------------------------------------
+
+DUPLICATES = [random.Random(1000 + k).randbytes(PAGE) for k in range(8)]
+NOISE = random.Random(7).randbytes((1 << 20) + PAGE)
+
+
+def page_content(i: int) -> bytes:
+    """Page i of the memory hog: zero, one of 8 duplicates, unique, or same-filled."""
+    kind = i % 4
+    if kind == 0:
+        return bytes(PAGE)
+    if kind == 1:
+        return DUPLICATES[(i // 4) % len(DUPLICATES)]
+    if kind == 2:
+        start = (i * 4088) % (1 << 20)
+        return i.to_bytes(8, "little") + NOISE[start : start + PAGE - 8]
+    return bytes([i % 251 + 1]) * PAGE
+
+
+def allocate(nbytes: int, cgroup: str) -> None:
+    # Join the memory-limited cgroup first, so that every page below is charged to it.
+    Path(cgroup, "cgroup.procs").write_text(f"{os.getpid()}\n")
+    pages = nbytes // PAGE
+    memory = mmap.mmap(-1, pages * PAGE)
+    for i in range(pages):
+        memory[i * PAGE : (i + 1) * PAGE] = page_content(i)
+    bad = sum(memory[i * PAGE : (i + 1) * PAGE] != page_content(i) for i in range(pages))
+    print(f"allocated {pages} pages, {bad} differ", flush=True)
+    # Hold the pages (most of them in swap) until the parent has looked at the store.
+    print(HOG_HOLDING, flush=True)
+    sys.stdin.readline()
+    sys.exit(1 if bad else 0)
+
+
+HOG_HOLDING = "holding the pages"
+
+
+def meminfo(field: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise CheckFailed(f"no {field} in /proc/meminfo")
+
+
+def vmstat(field: str) -> int:
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        name, value = line.split()
+        if name == field:
+            return int(value)
+    raise CheckFailed(f"no {field} in /proc/vmstat")
+
+
+def swap_entry(dev: str) -> list[str] | None:
+    for line in Path("/proc/swaps").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == dev:
+            return fields
+    return None
+
+
+# How long swap traffic may stand still while the memory hog runs before the check calls it a
+# deadlock.  Not a timing assertion: under TCG a healthy run moves pages every second or two, and
+# this only turns a hang (which would otherwise last until the harness kills the VM) into a
+# failure that shows the blocked tasks' kernel stacks.
+SWAP_STALL_SECONDS = 120
+
+
+def blocked_tasks() -> str:
+    """Kernel stacks of every task in uninterruptible sleep (what a deadlock looks like)."""
+    lines: list[str] = []
+    for stat_path in Path("/proc").glob("[0-9]*/task/[0-9]*/stat"):
+        try:
+            state = stat_path.read_text().rsplit(")", 1)[1].split()[0]
+            if state != "D":
+                continue
+            task = stat_path.parent
+            lines.append(f"--- {task} {(task / 'comm').read_text().strip()}")
+            lines.append((task / "stack").read_text())
+        except OSError:
+            continue
+    return "\n".join(lines)
+
+
+def run_watching_swap(
+    argv: list[str], server: Server, while_holding: Callable[[], None]
+) -> tuple[int, str]:
+    """Run the memory hog; fail (with the blocked tasks' stacks) if swap I/O stops moving.
+
+    ``while_holding`` runs once the hog has verified its pages and still holds them."""
+    with (WORK / "hog.out").open("w+") as out:
+        hog = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
+                               cwd=WORK)  # fmt: skip
+        assert hog.stdin is not None
+        moved, last_move = -1, time.monotonic()
+        while hog.poll() is None:
+            time.sleep(1)
+            if HOG_HOLDING in (WORK / "hog.out").read_text():
+                while_holding()
+                hog.stdin.close()
+                hog.wait()
+                break
+            now = vmstat("pswpout") + vmstat("pswpin")
+            if now != moved:
+                moved, last_move = now, time.monotonic()
+            elif time.monotonic() - last_move > SWAP_STALL_SECONDS:
+                stacks = blocked_tasks()
+                # Unwedge the guest so that it can still power off: without its server the
+                # device's requests fail once it is deleted, and reclaim moves on.
+                server.kill()
+                hog.kill()
+                subprocess.run([sys.executable, "-m", "dedupblk.cli", "devices", "--cleanup"],
+                               check=False, cwd=WORK)  # fmt: skip
+                raise CheckFailed(
+                    f"no swap I/O for {SWAP_STALL_SECONDS} s while the hog runs (deadlock)\n"
+                    f"{stacks[-12000:]}"
+                )
+        out.seek(0)
+        return hog.returncode, out.read()
+
+
+# The hog runs in a memory cgroup limited to HOG_MEMORY_MAX and allocates 1.5 times that, so the
+# pressure (and the swapping) is the hog's own: the rest of the guest keeps free memory.  Under
+# *global* memory exhaustion a store on ext4 deadlocks (see "Known limit" in
+# dedupblk/frontends/ublk.py): that case is not what this check is about.
+HOG_MEMORY_MAX = 160 << 20
+
+
+def hog_cgroup(limit: int) -> str:
+    root = Path("/sys/fs/cgroup")
+    if not (root / "cgroup.controllers").exists():
+        run("mount", "-t", "cgroup2", "cgroup2", str(root))
+    (root / "cgroup.subtree_control").write_text("+memory\n")
+    group = root / "ublk-hog"
+    group.mkdir(exist_ok=True)
+    (group / "memory.max").write_text(f"{limit}\n")
+    return str(group)
+
+
+def swap_checks() -> None:
+
+    with check("a swap store on tmpfs is refused"):
+        cli("create", "/tmp/tmpfs-store", "--size", "64M")
+        refused = cli("serve", "/tmp/tmpfs-store", "--frontend", "ublk", "--swap", ok=False)
+        require(refused.returncode == 2, f"exit {refused.returncode}: {refused.stderr}")
+        require("tmpfs" in refused.stderr, f"message: {refused.stderr!r}")
+        require(devices() == [], f"a refused serve left devices: {devices()}")
+
+    store = "/scratch/swap-store"
+    cli("create", store, "--size", "1G")
+    with check("serve --swap enables swap with the priority asked"):
+        server = Server(store, "--swap", "--swap-priority", "10", "--swap-discard")
+        entry = swap_entry(server.path)
+        require(entry is not None, f"{server.path} not in /proc/swaps")
+        assert entry is not None
+        require(entry[4] == "10", f"priority {entry[4]}")
+
+    with check("a memory hog swaps to the device and gets every byte back"):
+        cgroup = hog_cgroup(HOG_MEMORY_MAX)
+        hog = HOG_MEMORY_MAX * 3 // 2
+        swapped_before = vmstat("pswpout")
+        holding: dict[str, float] = {}
+
+        def look_while_holding() -> None:
+            holding.update(stats(store))
+            swap_now = int(Path(cgroup, "memory.swap.current").read_text()) // PAGE
+            holding["hog_pages_in_swap"] = swap_now
+
+        code, output = run_watching_swap(
+            [sys.executable, __file__, "allocate", str(hog), cgroup], server, look_while_holding
+        )
+        print(output.strip())
+        require(code == 0, f"hog exit {code}: {output}")
+        swapped = vmstat("pswpout") - swapped_before
+        print(
+            f"memory.max {HOG_MEMORY_MAX >> 20} MiB, hog {hog >> 20} MiB, swapped {swapped} "
+            f"pages, cgroup swap peak {Path(cgroup, 'memory.swap.peak').read_text().strip()}"
+        )
+        require(swapped * PAGE > HOG_MEMORY_MAX // 4, f"only {swapped} pages were swapped out")
+
+    with check("dedup of swapped pages"):
+        # Taken while the hog held its pages in swap: a quarter of them are unique, the rest
+        # zero, same-filled or one of 8 duplicates, so the store keeps about a quarter.
+        print(json.dumps(holding))
+        in_swap = holding["hog_pages_in_swap"]
+        require(
+            holding["stored_pages"] * 2 < in_swap,
+            f"stored {holding['stored_pages']} pages for {in_swap} pages in swap",
+        )
+        require(holding["dedup_ratio"] > 1, f"dedup_ratio {holding['dedup_ratio']}")
+
+    with check("swap discards reach the store once the hog is gone"):
+        wait_for(
+            lambda: stats(store)["mapped_pages"] < holding["mapped_pages"] / 2,
+            "the freed swap slots to be discarded",
+        )
+        print(json.dumps(stats(store)))
+
+    with check("stop: swapoff, device removed, store clean"):
+        code = server.stop()
+        require(code == 0, f"exit {code}: {server.errors()}")
+        require(swap_entry(server.path) is None, "still in /proc/swaps")
+        require(devices() == [], f"devices left: {devices()}")
+        cli("check", store)
+
+
+def main() -> None:
+    group = sys.argv[1]
+    if group == "allocate":
+        allocate(int(sys.argv[2]), sys.argv[3])
+    elif group == "block":
+        block_checks()
+    elif group == "swap":
+        swap_checks()
+    else:
+        sys.exit(f"unknown group {group!r}")
+    print(f"all {group} checks passed", flush=True)
+
+
+if __name__ == "__main__":
+    main()
