@@ -421,9 +421,10 @@ class Store:
         a disk where a failed write leaves the range partly updated.
         """
         with self._lock:
-            self._check_writable()
             length = len(data)
-            self._check_range(offset, length)
+            if self.readonly or offset < 0 or offset + length > self.size or self._closed:
+                self._check_writable()
+                self._check_range(offset, length)
             if length == PAGE_SIZE and not offset & (PAGE_SIZE - 1):  # the common request
                 self._accept(offset >> PAGE_SHIFT, data if type(data) is bytes else bytes(data))
                 if fua:
@@ -526,9 +527,12 @@ class Store:
         """Classify a full page and put it in the pending batch, committing first when the batch is
         full or could need more slots than are free."""
         kind, word = classify(content)
-        entry: Pending = (kind, word, content if kind == DATA else None)
-        if kind == ZERO:
+        if kind == DATA:
+            entry: Pending = (DATA, 0, content)
+        elif kind == ZERO:
             entry = _ZERO_PENDING
+        else:
+            entry = (FILL, word, None)
         previous = self._pending.get(page)
         replaces_data = previous is not None and previous[0] == DATA
         if kind == DATA and not replaces_data and self._pending_data >= self._available:
@@ -716,26 +720,30 @@ class _Batch:
         self.stored: dict[int, bytes] = {}  # slot -> bytes read for verification
         self.free_cursor: Any = None
         self.index_entries = self.meta.entries(txn, self.meta.index) if self.bounded else 0
+        # Lookups through cursors: cheaper than txn.get(..., db=...) per call.
+        self.refs_get = txn.cursor(db=self.meta.refs).get
+        self.index_get = txn.cursor(db=self.meta.index).get
 
     def apply(self, batch: dict[int, Pending]) -> State:
         txn, state, deltas = self.txn, self.state, self.deltas
-        get, put, delete = txn.get, txn.put, txn.delete
-        mapdb = self.meta.map
+        # A cursor's get and put cost less than the transaction's (no database argument).
+        map_cursor = txn.cursor(db=self.meta.map)
+        get, put, delete = map_cursor.get, map_cursor.put, map_cursor.delete
         fingerprint, dedup_target = self.fingerprint, self._dedup_target
         for page in sorted(batch):
             kind, word, content = batch[page]
             key = _pack_u64(page)
-            raw_old = get(key, db=mapdb)
+            raw_old = get(key)  # positions the cursor on the page's entry when there is one
             old_kind, old_value = _unpack_map(raw_old) if raw_old is not None else (0, 0)
             old_slot = old_value if old_kind == KIND_SLOT else 0
             if kind == ZERO:
                 if raw_old is None:
                     continue
-                delete(key, db=mapdb)
+                delete()
             elif kind == FILL:
                 if old_kind == KIND_FILL and old_value == word:
                     continue
-                put(key, _pack_map(KIND_FILL, word), db=mapdb)
+                put(key, _pack_map(KIND_FILL, word))
                 state.same_filled_pages += 1
             else:
                 assert content is not None
@@ -747,7 +755,7 @@ class _Batch:
                     deltas[target] = deltas.get(target, 0) + 1
                 else:
                     target = self._store_new(fp, content, outcome)
-                put(key, _pack_map(KIND_SLOT, target), db=mapdb)
+                put(key, _pack_map(KIND_SLOT, target))
                 state.mapped_pages += 1
             if old_kind == KIND_SLOT:
                 state.mapped_pages -= 1
@@ -759,14 +767,14 @@ class _Batch:
             self._prune_index()
         if self.new_data:
             self.backend.write_slots(list(self.new_data.items()))
-        put(KEY_STATE, state.pack(), db=self.meta.info)
+        txn.put(KEY_STATE, state.pack(), db=self.meta.info)
         return state
 
     def _refcount(self, slot: int) -> int:
         """The slot's refcount as this batch has it so far."""
         committed = self.committed.get(slot)
         if committed is None:
-            raw = self.txn.get(_pack_u64(slot), db=self.meta.refs)
+            raw = self.refs_get(_pack_u64(slot))
             committed = _unpack_ref(raw)[0] if raw is not None else 0
             self.committed[slot] = committed
         return committed + self.deltas.get(slot, 0)
@@ -776,7 +784,7 @@ class _Batch:
         else (0, why not): _NEW (unknown fingerprint), _FULL (max-share), _COLLISION."""
         known = self.targets.get(fp)
         if known is None:
-            raw = self.txn.get(fp, db=self.meta.index)
+            raw = self.index_get(fp)
             known = (_unpack_index(raw)[0] if raw is not None else 0, raw)
             self.targets[fp] = known
         slot = known[0]
