@@ -130,6 +130,8 @@ PR_SET_IO_FLUSHER: Final = 57
 MCL_CURRENT: Final = 1
 MCL_FUTURE: Final = 2
 TMPFS_MAGIC: Final = 0x01021994
+# Set to a directory to profile every queue thread's serving loop (cProfile, one dump per queue).
+PROFILE_ENV: Final = "DEDUPBLK_UBLK_PROFILE"
 
 
 class CtrlOp(enum.IntEnum):
@@ -596,7 +598,11 @@ class QueueRunner:
             return
         self.settled.set()
         try:
-            self._serve(ring)
+            profile_dir = os.environ.get(PROFILE_ENV)
+            if profile_dir:
+                _profiled(self._serve, ring, os.path.join(profile_dir, f"queue-{self.q_id}.prof"))
+            else:
+                self._serve(ring)
         except BaseException as exc:
             log.exception("ublk queue %d stopped on an unexpected error", self.q_id)
             self.error = exc
@@ -742,6 +748,18 @@ class QueueRunner:
                 except OSError:
                     log.exception("ublk queue %d: cleanup failed", self.q_id)
         self._ring = self._descs = self._buffers = None
+
+
+def _profiled(serve: Callable[[IoUring], None], ring: IoUring, dump: str) -> None:
+    """Run a queue's serving loop under cProfile and write the statistics to ``dump`` (for
+    bench/ublk_bench.py --profile; cProfile slows the loop several times, never set it in use)."""
+    import cProfile  # noqa: PLC0415 -- only for profiling runs
+
+    profiler = cProfile.Profile()
+    try:
+        profiler.runcall(serve, ring)
+    finally:
+        profiler.dump_stats(dump)
 
 
 def _check_fits(length: int, capacity: int) -> None:

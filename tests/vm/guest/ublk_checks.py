@@ -7,7 +7,11 @@ Runs inside the VM with the project's venv python (``python tests/vm/guest/ublk_
 - ``swap``: the tmpfs refusal, then real swap on the device: a memory hog confined to a memory
   cgroup allocates 1.5 times its limit in pages that are zero, same-filled, duplicated or unique,
   verifies every byte, and the store's statistics show the dedup.
-- ``allocate BYTES CGROUP``: the memory hog itself (run as a child by ``swap``).
+- ``swap-global``: the same with a hog of 1.5 times the guest's MemAvailable and no cgroup.  Not
+  run by the tests: it reproduces the "Known limit" deadlock of dedupblk/frontends/ublk.py
+  (``python -m tests.vm.harness run --memory-mb 768 --scratch-mb 1024 -- '.venv/bin/python
+  tests/vm/guest/ublk_checks.py swap-global'``).
+- ``allocate BYTES [CGROUP]``: the memory hog itself (run as a child by ``swap``).
 
 Every check prints ``ok: NAME`` when it passed; the first failure prints ``FAIL: NAME: why`` and
 exits 1, so the host test sees which one broke.  No check depends on timing.
@@ -276,9 +280,10 @@ def page_content(i: int) -> bytes:
     return bytes([i % 251 + 1]) * PAGE
 
 
-def allocate(nbytes: int, cgroup: str) -> None:
+def allocate(nbytes: int, cgroup: str | None) -> None:
     # Join the memory-limited cgroup first, so that every page below is charged to it.
-    Path(cgroup, "cgroup.procs").write_text(f"{os.getpid()}\n")
+    if cgroup is not None:
+        Path(cgroup, "cgroup.procs").write_text(f"{os.getpid()}\n")
     pages = nbytes // PAGE
     memory = mmap.mmap(-1, pages * PAGE)
     for i in range(pages):
@@ -395,7 +400,22 @@ def hog_cgroup(limit: int) -> str:
     return str(group)
 
 
-def swap_checks() -> None:
+def swap_pages_of_hog(cgroup: str | None) -> int:
+    """Pages the memory hog has in swap now: its cgroup's, or its own VmSwap without one."""
+    if cgroup is not None:
+        return int(Path(cgroup, "memory.swap.current").read_text()) // PAGE
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+            cmdline = (status.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"allocate" in cmdline and "VmSwap:" in text:
+            return int(text.split("VmSwap:")[1].split()[0]) * 1024 // PAGE
+    raise CheckFailed("the memory hog is gone")
+
+
+def swap_checks(*, whole_machine: bool) -> None:
 
     with check("a swap store on tmpfs is refused"):
         cli("create", "/tmp/tmpfs-store", "--size", "64M")
@@ -414,27 +434,37 @@ def swap_checks() -> None:
         require(entry[4] == "10", f"priority {entry[4]}")
 
     with check("a memory hog swaps to the device and gets every byte back"):
-        cgroup = hog_cgroup(HOG_MEMORY_MAX)
-        hog = HOG_MEMORY_MAX * 3 // 2
+        if whole_machine:
+            cgroup = None
+            pressure = meminfo("MemAvailable")
+        else:
+            cgroup = hog_cgroup(HOG_MEMORY_MAX)
+            pressure = HOG_MEMORY_MAX
+        hog = pressure * 3 // 2 // PAGE * PAGE
         swapped_before = vmstat("pswpout")
         holding: dict[str, float] = {}
 
         def look_while_holding() -> None:
             holding.update(stats(store))
-            swap_now = int(Path(cgroup, "memory.swap.current").read_text()) // PAGE
-            holding["hog_pages_in_swap"] = swap_now
+            holding["hog_pages_in_swap"] = swap_pages_of_hog(cgroup)
 
+        argv = [sys.executable, __file__, "allocate", str(hog)]
         code, output = run_watching_swap(
-            [sys.executable, __file__, "allocate", str(hog), cgroup], server, look_while_holding
+            argv + ([] if cgroup is None else [cgroup]), server, look_while_holding
         )
         print(output.strip())
         require(code == 0, f"hog exit {code}: {output}")
         swapped = vmstat("pswpout") - swapped_before
-        print(
-            f"memory.max {HOG_MEMORY_MAX >> 20} MiB, hog {hog >> 20} MiB, swapped {swapped} "
-            f"pages, cgroup swap peak {Path(cgroup, 'memory.swap.peak').read_text().strip()}"
+        where = (
+            "no cgroup (whole guest)"
+            if cgroup is None
+            else f"cgroup swap peak {Path(cgroup, 'memory.swap.peak').read_text().strip()}"
         )
-        require(swapped * PAGE > HOG_MEMORY_MAX // 4, f"only {swapped} pages were swapped out")
+        print(
+            f"memory pressure {pressure >> 20} MiB, hog {hog >> 20} MiB, swapped {swapped} "
+            f"pages, {where}"
+        )
+        require(swapped * PAGE > pressure // 4, f"only {swapped} pages were swapped out")
 
     with check("dedup of swapped pages"):
         # Taken while the hog held its pages in swap: a quarter of them are unique, the rest
@@ -465,11 +495,13 @@ def swap_checks() -> None:
 def main() -> None:
     group = sys.argv[1]
     if group == "allocate":
-        allocate(int(sys.argv[2]), sys.argv[3])
+        allocate(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
     elif group == "block":
         block_checks()
     elif group == "swap":
-        swap_checks()
+        swap_checks(whole_machine=False)
+    elif group == "swap-global":
+        swap_checks(whole_machine=True)
     else:
         sys.exit(f"unknown group {group!r}")
     print(f"all {group} checks passed", flush=True)

@@ -1,0 +1,183 @@
+"""Guest side of bench/ublk_bench.py: fio against /dev/ublkbN (dedupblk) and /dev/zram0, in turn.
+
+Runs inside the VM with the project's venv python (bench/ublk_bench.py boots the guest)::
+
+    python bench/ublk_guest.py --rounds 2 --size 128M --runtime 10 \
+        --jobs rand-write-dup50,rand-read,dedup-90 [--profile DIR]
+
+For every round, for every job: a fresh store of SIZE on the guest's ext4 /scratch served with
+``dedupblk serve --frontend ublk``, then a fresh /dev/zram0 of the same size (reset, disksize),
+each running the job file's own command line
+(``SIZE=... RUNTIME=... fio --ioengine=io_uring --direct=1 --filename=DEV FILE``).  Devices
+alternate (ublk, zram, ublk, zram...) so drift in the guest spreads over both.  Every measurement
+is printed as one ``RESULT {json}`` line for the host to collect.
+
+With ``--profile DIR``, one more ublk run of the first job follows the measured rounds with
+``DEDUPBLK_UBLK_PROFILE=DIR`` (cProfile of each queue thread, see dedupblk/frontends/ublk.py); the
+top functions are printed.  Its numbers are not part of the results (cProfile slows the server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pstats
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+JOBS_DIR = REPO / "fio-jobs"
+SCRATCH = Path("/scratch")
+ZRAM = Path("/sys/block/zram0")
+WORK = Path("/tmp")  # the guest's tmpfs (the repository is read-only)
+RESULT_PREFIX = "RESULT "
+
+
+def run(argv: list[str], env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=WORK, env=env, check=False)
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(argv)} exited {done.returncode}:\n{done.stdout}{done.stderr}")
+    return done.stdout
+
+
+def cli(*args: str) -> str:
+    return run([sys.executable, "-m", "dedupblk.cli", *args])
+
+
+class UblkServer:
+    """A fresh store on /scratch served over ublk (stopped and deleted by `stop`)."""
+
+    def __init__(self, size: str, env: dict[str, str] | None = None) -> None:
+        self.store = SCRATCH / "bench-store"
+        if self.store.exists():
+            shutil.rmtree(self.store)
+        cli("create", str(self.store), "--size", size)
+        self.log = WORK / "server.log"
+        with self.log.open("w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dedupblk.cli", "serve", str(self.store),
+                 "--frontend", "ublk"],
+                stdout=subprocess.PIPE, stderr=err, text=True, cwd=WORK,
+                env=None if env is None else {**os.environ, **env},
+            )  # fmt: skip
+        assert self.proc.stdout is not None
+        self.path = self.proc.stdout.readline().strip()
+        if not self.path:
+            self.proc.wait()
+            sys.exit(f"server exited {self.proc.returncode}: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait()
+        if code != 0:
+            sys.exit(f"server exit {code}: {self.log.read_text()}")
+        shutil.rmtree(self.store)
+
+
+def zram_reset(size_bytes: int) -> str:
+    (ZRAM / "reset").write_text("1\n")
+    (ZRAM / "disksize").write_text(f"{size_bytes}\n")
+    return "/dev/zram0"
+
+
+def parse_size(size: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    if size[-1].upper() in units:
+        return int(size[:-1]) * units[size[-1].upper()]
+    return int(size)
+
+
+def run_fio(dev: str, job: str, size: str, runtime: int) -> list[dict[str, object]]:
+    env = dict(os.environ, SIZE=size, RUNTIME=str(runtime))
+    out = run(
+        ["fio", "--ioengine=io_uring", "--direct=1", f"--filename={dev}", "--output-format=json",
+         str(JOBS_DIR / f"{job}.fio")],
+        env=env,
+    )  # fmt: skip
+    report = json.loads(out[out.index("{") :])
+    return [j for j in report["jobs"] if not j["jobname"].startswith("prefill")]
+
+
+def measure(job_report: dict[str, object]) -> tuple[float, float, float]:
+    """IOPS, MiB/s and p99 completion latency (µs) of a job, reads and writes together."""
+    iops = mib = p99 = 0.0
+    for direction in ("read", "write"):
+        stats = job_report[direction]
+        assert isinstance(stats, dict)
+        if stats["iops"] <= 0:
+            continue
+        iops += stats["iops"]
+        mib += stats["bw_bytes"] / (1 << 20)
+        p99 = max(p99, stats["clat_ns"].get("percentile", {}).get("99.000000", 0) / 1000)
+    return iops, mib, p99
+
+
+def one_run(device: str, job: str, args: argparse.Namespace, round_: int) -> None:
+    started = time.monotonic()
+    server = None
+    if device == "ublk":
+        server = UblkServer(args.size)
+        dev = server.path
+    else:
+        dev = zram_reset(parse_size(args.size))
+    try:
+        reports = run_fio(dev, job, args.size, args.runtime)
+    finally:
+        if server is not None:
+            server.stop()
+        else:
+            (ZRAM / "reset").write_text("1\n")
+    for report in reports:
+        iops, mib, p99 = measure(report)
+        record = {"job": report["jobname"], "device": device, "round": round_, "iops": iops,
+                  "mib_s": mib, "p99_us": p99}  # fmt: skip
+        print(RESULT_PREFIX + json.dumps(record), flush=True)
+        print(
+            f"round {round_ + 1} {record['job']:<18} {device:<5} {iops:8.0f} IOPS "
+            f"{mib:7.1f} MiB/s p99 {p99:8.0f} us ({time.monotonic() - started:.0f} s with set-up)",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
+
+
+def profile_run(job: str, args: argparse.Namespace) -> None:
+    directory = Path(args.profile)
+    directory.mkdir(parents=True, exist_ok=True)
+    server = UblkServer(args.size, env={"DEDUPBLK_UBLK_PROFILE": str(directory)})
+    try:
+        for report in run_fio(server.path, job, args.size, args.runtime):
+            iops, _, p99 = measure(report)
+            print(f"profiled {report['jobname']}: {iops:.0f} IOPS p99 {p99:.0f} us (cProfile on)")
+    finally:
+        server.stop()
+    for dump in sorted(directory.glob("*.prof")):
+        print(f"== {dump.name}: top by internal time")
+        pstats.Stats(str(dump)).sort_stats("tottime").print_stats(22)
+        print(f"== {dump.name}: top by cumulative time")
+        pstats.Stats(str(dump)).sort_stats("cumulative").print_stats(22)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--runtime", type=int, default=10)
+    parser.add_argument("--size", default="128M")
+    parser.add_argument("--jobs", default="rand-write-dup50,rand-read,dedup-90")
+    parser.add_argument("--profile", help="directory for a profiled extra ublk run's dumps")
+    args = parser.parse_args()
+    jobs = [j for j in args.jobs.split(",") if j]
+    print(f"guest kernel {os.uname().release}, {os.cpu_count()} CPUs", flush=True)
+    for round_ in range(args.rounds):
+        for job in jobs:
+            for device in ("ublk", "zram"):
+                one_run(device, job, args, round_)
+    if args.profile:
+        profile_run(jobs[0], args)
+
+
+if __name__ == "__main__":
+    main()
