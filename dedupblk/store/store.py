@@ -64,7 +64,7 @@ from .meta import Meta
 
 log = logging.getLogger(__name__)
 
-GROUP_PAGES = 4096  # pages buffered before a commit (16 MiB); see the README for the trade-off
+GROUP_PAGES = 1024  # pages buffered before a commit (4 MiB)
 GROUP_SECONDS = 0.05  # longest a buffered page waits for its commit
 DEFERRED_LIMIT = 1 << 16  # freed-but-not-durable slots before a commit forces a flush
 DATA_FILE = "slots"
