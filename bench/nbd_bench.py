@@ -39,6 +39,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fio_report import measure, timed_jobs  # bench/ is sys.path[0] for a script here
+
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = REPO / "dedupblk" / "frontends" / "nbdkit_plugin.py"
 MINIMAL = REPO / "bench" / "minimal_plugin.py"
@@ -131,25 +133,7 @@ def run_fio(uri: str, job: str, size: str, runtime: int) -> list[dict[str, objec
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"fio {job} failed ({result.returncode}):\n{result.stderr}")
-    out = result.stdout
-    report = json.loads(out[out.index("{") :])  # fio prints "fio: connected to NBD server" first
-    return [j for j in report["jobs"] if not j["jobname"].startswith("prefill")]
-
-
-def measure(job_report: dict[str, object]) -> tuple[float, float, float]:
-    """IOPS, MiB/s and p99 completion latency (µs) of a job, reads and writes together."""
-    iops = mib = 0.0
-    p99 = 0.0
-    for direction in ("read", "write"):
-        stats = job_report[direction]
-        assert isinstance(stats, dict)
-        if stats["iops"] <= 0:
-            continue
-        iops += stats["iops"]
-        mib += stats["bw_bytes"] / (1 << 20)
-        percentiles = stats["clat_ns"].get("percentile", {})
-        p99 = max(p99, percentiles.get("99.000000", 0) / 1000)
-    return iops, mib, p99
+    return timed_jobs(result.stdout)
 
 
 def main(argv: list[str]) -> int:

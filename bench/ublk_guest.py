@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from fio_report import measure, timed_jobs  # bench/ is sys.path[0] for a script here
+
 REPO = Path(__file__).resolve().parent.parent
 JOBS_DIR = REPO / "fio-jobs"
 SCRATCH = Path("/scratch")
@@ -99,22 +101,7 @@ def run_fio(dev: str, job: str, size: str, runtime: int) -> list[dict[str, objec
          str(JOBS_DIR / f"{job}.fio")],
         env=env,
     )  # fmt: skip
-    report = json.loads(out[out.index("{") :])
-    return [j for j in report["jobs"] if not j["jobname"].startswith("prefill")]
-
-
-def measure(job_report: dict[str, object]) -> tuple[float, float, float]:
-    """IOPS, MiB/s and p99 completion latency (µs) of a job, reads and writes together."""
-    iops = mib = p99 = 0.0
-    for direction in ("read", "write"):
-        stats = job_report[direction]
-        assert isinstance(stats, dict)
-        if stats["iops"] <= 0:
-            continue
-        iops += stats["iops"]
-        mib += stats["bw_bytes"] / (1 << 20)
-        p99 = max(p99, stats["clat_ns"].get("percentile", {}).get("99.000000", 0) / 1000)
-    return iops, mib, p99
+    return timed_jobs(out)
 
 
 def one_run(device: str, job: str, args: argparse.Namespace, round_: int) -> None:
