@@ -18,7 +18,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import stat
 import threading
 import time
 import uuid as uuidlib
@@ -107,20 +106,6 @@ def parse_size(text: str) -> int:
     if not number.isdigit():
         raise InvalidRequest(f"bad size {text!r}: expected a number with an optional K/M/G/T")
     return int(number) * units[suffix]
-
-
-def _fs_is_tmpfs(path: str) -> bool:
-    with contextlib.suppress(OSError), open("/proc/self/mounts") as mounts:
-        best = ""
-        fstype = ""
-        real = os.path.realpath(path)
-        for line in mounts:
-            fields = line.split()
-            mnt = fields[1]
-            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                best, fstype = mnt, fields[2]
-        return fstype == "tmpfs"
-    return False
 
 
 def create_store(
@@ -678,7 +663,7 @@ class Store:
     def statistics(self) -> Statistics:
         """Usage as of the last commit (pending pages are not counted)."""
         with self._lock:
-            return _statistics(self._meta, self.config, self._state, self._backend)
+            return _statistics(self._meta, self.config, self._state)
 
     def check(self) -> list[Any]:
         """Commit, then run every named check of `dedupblk.store.check` on this open store.
@@ -903,7 +888,7 @@ class _Batch:
         raise StoreFull(f"no free slot in backend {self.backend.path}")
 
 
-def _statistics(meta: Meta, config: Config, state: State, backend: Backend | None) -> Statistics:
+def _statistics(meta: Meta, config: Config, state: State) -> Statistics:
     with meta.env.begin() as txn:
         stored = meta.entries(txn, meta.refs)
         index_entries = meta.entries(txn, meta.index)
@@ -931,22 +916,10 @@ def read_statistics(path: str | os.PathLike[str]) -> tuple[Config, Statistics]:
     opened = Meta.opened(store_dir)
     if opened is not None:  # LMDB allows one environment per file per process
         config, state = opened.read_header(store_dir)
-        return config, _statistics(opened, config, state, None)
+        return config, _statistics(opened, config, state)
     meta = Meta(store_dir, readonly=True)
     try:
         config, state = meta.read_header(store_dir)
-        return config, _statistics(meta, config, state, None)
+        return config, _statistics(meta, config, state)
     finally:
         meta.close()
-
-
-def fs_type_is_tmpfs(path: str) -> bool:
-    """Whether ``path`` lives on tmpfs (a swap device's store must not: it could swap to itself)."""
-    return _fs_is_tmpfs(path) if os.path.exists(path) else False
-
-
-def is_block_device(path: str) -> bool:
-    try:
-        return stat.S_ISBLK(os.stat(path).st_mode)
-    except OSError:
-        return False
