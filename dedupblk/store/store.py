@@ -23,7 +23,7 @@ import time
 import uuid as uuidlib
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .backend import Backend
 from .errors import (
@@ -60,6 +60,9 @@ from .format import (
     key_int,
 )
 from .meta import Meta
+
+if TYPE_CHECKING:
+    from .check import Problem
 
 log = logging.getLogger(__name__)
 
@@ -665,7 +668,7 @@ class Store:
         with self._lock:
             return _statistics(self._meta, self.config, self._state)
 
-    def check(self) -> list[Any]:
+    def check(self) -> list[Problem]:
         """Commit, then run every named check of `dedupblk.store.check` on this open store.
         Returns the problems found (empty when every invariant holds)."""
         from .check import run_checks  # noqa: PLC0415  (check imports this module)

@@ -302,8 +302,9 @@ def test_map_grows_instead_of_failing(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_pending_pages_commit_within_the_time_window(store_dir: str) -> None:
     with open_store(store_dir) as store:
-        store.write(0, rand_page(1))
-        assert read_statistics(store_dir)[1].stored_pages == 0
+        with store._lock:  # the committer cannot run in between: no race with its time window
+            store.write(0, rand_page(1))
+            assert read_statistics(store_dir)[1].stored_pages == 0
         deadline = time.monotonic() + 30
         while read_statistics(store_dir)[1].stored_pages == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
