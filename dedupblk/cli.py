@@ -7,6 +7,7 @@ and its exit code; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -53,8 +54,12 @@ SIZE = SizeType()
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dedupblk")
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Log progress (e.g. a server's counters).")
+def main(verbose: bool) -> None:
     """A deduplicating block device: identical 4 KiB pages are stored once."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="dedupblk: %(message)s"
+    )
 
 
 @main.command()
@@ -65,6 +70,10 @@ def main() -> None:
 @click.option("--max-index-entries", type=click.IntRange(min=1), help="Bound the dedup index.")
 @click.option("--max-share", type=click.IntRange(min=1), default=254, show_default=True,
               help="Most pages that may share one slot.")
+@click.option("--preallocate", is_flag=True,
+              help="Write the store's files in full now, never punch them (for swap).")
+@click.option("--meta-size", type=SIZE,
+              help="With --preallocate: size of the metadata file (default 256 bytes a page).")
 def create(
     store: str,
     size: int,
@@ -72,8 +81,13 @@ def create(
     backend_size: int | None,
     max_index_entries: int | None,
     max_share: int,
+    preallocate: bool,
+    meta_size: int | None,
 ) -> None:
-    """Create an empty store of SIZE bytes in the new or empty directory STORE."""
+    """Create an empty store of SIZE bytes in the new or empty directory STORE.
+
+    For swap, use --preallocate on a filesystem mounted lazytime (see README, "Running as swap").
+    """
     create_store(
         store,
         size,
@@ -81,8 +95,10 @@ def create(
         backend_size=backend_size,
         max_index_entries=max_index_entries,
         max_share=max_share,
+        preallocate=preallocate,
+        meta_size=meta_size,
     )
-    click.echo(f"created {store}: {size} bytes")
+    click.echo(f"created {store}: {size} bytes" + (", preallocated" if preallocate else ""))
 
 
 @main.command()

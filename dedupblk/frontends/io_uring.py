@@ -301,6 +301,10 @@ class IoUring:
         self.cq_entries: int = params.cq_entries
         self.sqe_size = 128 if flags & SETUP_SQE128 else 64
         self.cmd_payload_size = self.sqe_size - CMD_PAYLOAD_OFFSET
+        # A whole URING_CMD SQE in one pack: the 48 header bytes, then the command area ("Ns"
+        # pads a shorter payload with zeros, so no separate clearing of the slot is needed).
+        self._cmd_sqe = struct.Struct(f"{SQE_HEADER.format[:13]}{self.cmd_payload_size}s")
+        assert self._cmd_sqe.size == self.sqe_size
         self._mappings: list[Mapping] = []
         self._closed = False
         try:
@@ -438,11 +442,11 @@ class IoUring:
                 f"a {len(payload)}-byte command does not fit the {self.cmd_payload_size} bytes "
                 f"of a {self.sqe_size}-byte SQE"
             )
-        offset = self._prep(OP_URING_CMD, fd, off=cmd_op & _U32_MASK, user_data=user_data)
-        start = offset + CMD_PAYLOAD_OFFSET
-        ctypes.memmove(ctypes.addressof(self._sqes) + start, payload, len(payload))
-        # _prep zeroed the header's addr3/pad2 and everything past 64 bytes: the rest of the
-        # payload area is already zero.
+        offset = self._next_sqe()
+        self._cmd_sqe.pack_into(
+            self._sqes, offset, OP_URING_CMD, 0, 0, fd, cmd_op & _U32_MASK, 0, 0, 0, user_data,
+            0, 0, 0, payload,
+        )  # fmt: skip
 
     def submit(self) -> int:
         """Hand every prepared SQE to the kernel without waiting; returns how many it took."""
@@ -456,11 +460,21 @@ class IoUring:
         """
         return self._enter(wait_nr)
 
-    def _enter(self, wait_nr: int) -> int:
+    def get_events(self) -> int:
+        """Submit every prepared SQE and collect what has completed, without waiting.
+
+        On a ring set up with ``SETUP_DEFER_TASKRUN`` completions that arrive while the owner
+        runs (a ublk request, a ready pipe) stay queued as task work until the owner enters
+        the kernel asking for events; this is that call.  Returns how many SQEs were submitted;
+        the new CQEs are then in `completions`.
+        """
+        return self._enter(0, get_events=True)
+
+    def _enter(self, wait_nr: int, *, get_events: bool = False) -> int:
         self._check_open()
         # Publish the new tail only now: the SQEs below it are fully written (x86-64 ordering).
         self._sq_tail.value = self._sqe_tail
-        flags = ENTER_GETEVENTS if wait_nr > 0 else 0
+        flags = ENTER_GETEVENTS if wait_nr > 0 or get_events else 0
         submitted = 0
         while True:
             # Without SQPOLL the kernel moves the SQ head while consuming SQEs inside this call,

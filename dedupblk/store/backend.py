@@ -3,6 +3,11 @@
 Slot data is written with ``pwrite``/``pwritev`` and read with ``pread``; nothing is cached here.
 Durability: `Backend.sync` is ``fdatasync``; a write that returned is in the page cache (a file) or
 the device (``/dev/zram0``) and survives a kill of this process, not a power loss before `sync`.
+A preallocated backend (`BACKEND_PREALLOCATED`, for swap) is written in full at create (a file),
+never punched (a file), and read and written with ``O_DIRECT`` through one page-aligned bounce
+buffer allocated at open: a slot write then needs no page-cache page and dirties nothing, so a
+server that must write swap pages while the machine is out of memory allocates no memory for it
+and is never throttled as a dirtier. Its writes are on the device when they return.
 """
 
 from __future__ import annotations
@@ -10,19 +15,31 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import logging
+import mmap
 import os
 import stat
 import struct
+import threading
 from collections.abc import Iterable, Sequence
 
 from .errors import BackendError, BackendMismatch, StoreFull
-from .format import BACKEND_HEADER, BACKEND_MAGIC, FORMAT_VERSION, HEADER_SLOT, PAGE_SIZE
+from .format import (
+    BACKEND_HEADER,
+    BACKEND_MAGIC,
+    BACKEND_PREALLOCATED,
+    FORMAT_VERSION,
+    HEADER_SLOT,
+    PAGE_SIZE,
+)
 
 BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t)
 BLKDISCARD = 0x1277  # _IO(0x12, 119)
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 IOV_MAX = 1024
+ZERO_CHUNK = 1 << 20  # bytes of zeros per write when preallocating
+log = logging.getLogger(__name__)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
@@ -65,12 +82,27 @@ class Backend:
         except OSError as exc:
             raise BackendError(f"cannot open backend {path}: {exc.strerror}") from exc
         self.is_block = stat.S_ISBLK(os.fstat(self.fd).st_mode)
+        self.flags = 0  # header flags, known once `check_header` (or `create`) has run
+        # O_DIRECT I/O (preallocated backends): an aligned buffer of IOV_MAX slots and its lock.
+        self._bounce: mmap.mmap | None = None
+        self._bounce_view: memoryview | None = None
+        self._bounce_lock = threading.Lock()
+
+    @property
+    def punches(self) -> bool:
+        """Whether `discard` gives space back: not in a preallocated file (see the format)."""
+        return self.is_block or not self.flags & BACKEND_PREALLOCATED
 
     @classmethod
-    def create(cls, path: str, capacity_bytes: int | None, uuid: bytes) -> Backend:
+    def create(
+        cls, path: str, capacity_bytes: int | None, uuid: bytes, *, preallocate: bool = False
+    ) -> Backend:
         """Create (regular file) or adopt (block device, existing file) a backend; write the header.
 
-        A new data file is sparse; its size is fixed here and is the slot capacity.
+        A new data file is sparse; its size is fixed here and is the slot capacity. With
+        ``preallocate`` a file backend is then written in full with zeros (every hole filled)
+        and synced, so that no later slot write allocates a block; the header says so, and the
+        file is never punched. A block device needs no preallocation and keeps its discards.
         """
         if not os.path.exists(path):
             if capacity_bytes is None:
@@ -85,7 +117,10 @@ class Backend:
             current = device_size(backend.fd)
             if current < capacity_bytes:
                 os.ftruncate(backend.fd, capacity_bytes)
-        backend.write_slot(HEADER_SLOT, _header_page(uuid))
+        backend.flags = BACKEND_PREALLOCATED if preallocate else 0
+        backend.write_slot(HEADER_SLOT, _header_page(uuid, backend.flags))
+        if preallocate and not backend.is_block:
+            fill_holes(backend.fd, device_size(backend.fd), backend.path)
         return backend
 
     def capacity_slots(self) -> int:
@@ -96,15 +131,47 @@ class Backend:
         raw = os.pread(self.fd, BACKEND_HEADER.size, HEADER_SLOT * PAGE_SIZE)
         if len(raw) < BACKEND_HEADER.size:
             raise BackendMismatch(f"backend {self.path} is too small to be this store's")
-        magic, version, found = BACKEND_HEADER.unpack(raw)
+        magic, version, found, flags = BACKEND_HEADER.unpack(raw)
         if magic != BACKEND_MAGIC:
             raise BackendMismatch(f"backend {self.path} has no dedupblk header")
         if version != FORMAT_VERSION:
             raise BackendMismatch(f"backend {self.path} has unknown format version {version}")
         if found != uuid:
             raise BackendMismatch(f"backend {self.path} belongs to another store")
+        self.flags = flags
+        if flags & BACKEND_PREALLOCATED:
+            self._use_direct_io()
+
+    def _use_direct_io(self) -> None:
+        """Switch the open descriptor to O_DIRECT and allocate the bounce buffer. A filesystem
+        without O_DIRECT keeps buffered I/O (with a warning): correct, but not swap-safe."""
+        if self._bounce is not None:
+            return
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) | os.O_DIRECT)
+        except OSError as exc:
+            log.warning("backend %s: no O_DIRECT (%s): slot I/O goes through the page cache",
+                        self.path, exc.strerror)  # fmt: skip
+            return
+        self._bounce = mmap.mmap(-1, IOV_MAX * PAGE_SIZE)
+        self._bounce_view = memoryview(self._bounce)
+
+    @property
+    def direct(self) -> bool:
+        """Whether slot I/O bypasses the page cache (O_DIRECT through the bounce buffer)."""
+        return self._bounce_view is not None
 
     def read_slot(self, slot: int) -> bytes:
+        view = self._bounce_view
+        if view is not None:
+            with self._bounce_lock:
+                try:
+                    done = os.preadv(self.fd, [view[:PAGE_SIZE]], slot * PAGE_SIZE)
+                except OSError as exc:
+                    raise BackendError(f"reading slot {slot}: {exc.strerror}") from exc
+                if done != PAGE_SIZE:
+                    raise BackendError(f"short read of slot {slot} ({done} bytes)")
+                return bytes(view[:PAGE_SIZE])
         try:
             data = os.pread(self.fd, PAGE_SIZE, slot * PAGE_SIZE)
         except OSError as exc:
@@ -127,7 +194,10 @@ class Backend:
                 j += 1
             buffers = [data for _, data in ordered[i:j]]
             try:
-                done = os.pwritev(self.fd, buffers, first * PAGE_SIZE)
+                if self._bounce_view is not None:
+                    done = self._write_direct(buffers, first)
+                else:
+                    done = os.pwritev(self.fd, buffers, first * PAGE_SIZE)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise StoreFull(f"backend {self.path} is full: {exc.strerror}") from exc
@@ -136,11 +206,23 @@ class Backend:
                 raise BackendError(f"short write at slot {first}")
             i = j
 
+    def _write_direct(self, pages: list[bytes], first: int) -> int:
+        """One O_DIRECT write of consecutive slots (at most IOV_MAX) through the bounce buffer."""
+        view = self._bounce_view
+        assert view is not None
+        with self._bounce_lock:
+            for k, page in enumerate(pages):
+                view[k * PAGE_SIZE : (k + 1) * PAGE_SIZE] = page
+            return os.pwrite(self.fd, view[: len(pages) * PAGE_SIZE], first * PAGE_SIZE)
+
     def discard(self, slots: Iterable[int]) -> None:
         """Give the space of dead slots back: punch holes in a file, BLKDISCARD on a device.
+        Nothing in a preallocated file: reusing a punched slot would allocate a block again.
 
         Best effort: a backend that cannot discard keeps the space, and nothing is lost.
         """
+        if not self.punches:
+            return
         for first, count in runs(slots):
             offset, length = first * PAGE_SIZE, count * PAGE_SIZE
             if self.is_block:
@@ -174,8 +256,45 @@ class Backend:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self._bounce is not None:
+            assert self._bounce_view is not None
+            self._bounce_view.release()
+            self._bounce.close()
+            self._bounce = self._bounce_view = None
 
 
-def _header_page(uuid: bytes) -> bytes:
-    header = BACKEND_HEADER.pack(BACKEND_MAGIC, FORMAT_VERSION, uuid)
+def _header_page(uuid: bytes, flags: int) -> bytes:
+    header = BACKEND_HEADER.pack(BACKEND_MAGIC, FORMAT_VERSION, uuid, flags)
     return header + bytes(PAGE_SIZE - len(header))
+
+
+def fill_holes(fd: int, end: int, what: str) -> None:
+    """Write zeros into every hole of the open regular file ``fd`` below ``end`` (extending the
+    file to ``end`` if it is shorter), then ``fdatasync``: afterwards every block below ``end``
+    is allocated and written, so overwriting it needs no block allocation and no extent
+    conversion. Data already in the file is kept. Raises `StoreFull` when the filesystem is
+    full, `BackendError` on any other failure."""
+    zeros = bytes(ZERO_CHUNK)
+    try:
+        if os.fstat(fd).st_size < end:
+            os.ftruncate(fd, end)
+        offset = 0
+        while offset < end:
+            hole = os.lseek(fd, offset, os.SEEK_HOLE)  # the file's size when there is none
+            if hole >= end:
+                break
+            try:
+                data = os.lseek(fd, hole, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: no data after the hole
+                    raise
+                data = end
+            stop = min(data, end)
+            while hole < stop:
+                hole += os.pwrite(fd, zeros[: min(ZERO_CHUNK, stop - hole)], hole)
+            offset = stop
+        os.fdatasync(fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreFull(f"no space to preallocate {what}: {exc.strerror}") from exc
+        raise BackendError(f"preallocating {what}: {exc.strerror}") from exc

@@ -15,16 +15,24 @@ Store directory
 Backend
 -------
 Slot ``s`` occupies bytes ``[s * 4096, (s + 1) * 4096)`` of the backend. Slot 0 is the backend
-header (`BACKEND_HEADER`: magic ``DDBKSLOT``, format version, the store's 16-byte uuid) so that a
-store refuses a backend that belongs to another store. Data slots are ``1 .. slot_capacity - 1``.
-A freed slot is punched (``fallocate(PUNCH_HOLE)`` on a file, ``BLKDISCARD`` on a block device) once
-the transaction that freed it is durable.
+header (`BACKEND_HEADER`: magic ``DDBKSLOT``, format version, the store's 16-byte uuid, flags u32)
+so that a store refuses a backend that belongs to another store. Data slots are
+``1 .. slot_capacity - 1``. A freed slot is punched (``fallocate(PUNCH_HOLE)`` on a file,
+``BLKDISCARD`` on a block device) once the transaction that freed it is durable, except in a file
+whose header has `BACKEND_PREALLOCATED`: such a file was written in full with zeros at create and
+is never punched, so that writing a slot never allocates file blocks. A backend with that flag
+(file or block device) is also read and written with ``O_DIRECT``. Header flags unknown to this
+version are zero; a header written before flags existed reads as flags 0 (the rest of slot 0 is
+zeros).
 
 LMDB sub-databases (all integer keys are u64 big-endian so that key order is numeric order)
 -------------------------------------------------------------------------------------------
 ``info``   b"format" -> `FORMAT`  (magic ``DEDUPBLK``, version u32)
            b"config" -> `CONFIG`  (fixed at create; backend path follows the fixed part, UTF-8)
            b"state"  -> `STATE`   (updated by every committing transaction)
+           b"prealloc" -> `PREALLOC` (u64: bytes of ``meta/data.mdb`` written with zeros at create;
+                      absent in a store created without preallocation). A writer maps exactly
+                      that much while the data fits in it (see "Preallocated stores").
 ``map``    page u64be -> `MAP_ENTRY` (kind u8, value u64le). kind 1 = SLOT: value is the slot.
            kind 2 = FILL: value is the 8-byte word (little-endian) the page repeats 512 times; never
            zero. An all-zero page has no entry at all: absent means zeros.
@@ -69,6 +77,26 @@ Write order and durability
 On open for writing the store first syncs both, so a commit that survived a process kill becomes
 the durable point the deferred-free rule relies on, then releases ``deferred``.
 
+Preallocated stores (``create --preallocate``, for swap)
+------------------------------------------------------
+Every block of the store's files is allocated and written (not an unwritten extent, not a hole)
+before the store is first served: the slot data file in full (a block device backend needs
+nothing), ``meta/data.mdb`` up to ``prealloc`` bytes, ``meta/lock.mdb`` in full; then each is
+``fdatasync``-ed. Serving then never allocates a file block nor converts an extent as long as the
+metadata fits in ``prealloc``: slots are never punched (see Backend), and LMDB (a writer maps
+``data.mdb`` writable and changes its pages in place) only writes below its map size, which a
+writer sets to ``prealloc``. If
+the metadata outgrows it, the map grows past it and the file is extended as in any store (with a
+warning in the log). Slot I/O is ``O_DIRECT``: writing a slot needs no page-cache page. On a
+filesystem mounted ``lazytime`` (timestamps not journalled) the server's writes to these files
+then never wait for the filesystem's journal nor for memory to be reclaimed: what a swap device
+needs (see "Swap safety" in `dedupblk.frontends.ublk`). Durability is unchanged: ``flush`` still
+syncs both.
+
+Metadata writes: a writer opens LMDB with ``MDB_WRITEMAP`` (dirty pages are changed in the shared
+map, no ``pwrite`` per page at commit; LMDB extends ``data.mdb`` to the map size, sparse unless
+preallocated) and ``MDB_NOSYNC``; `flush` syncs it.
+
 Power loss: LMDB commits between flushes are not synced (``MDB_NOSYNC``). LMDB documents that such
 commits keep their atomicity only on a filesystem that preserves write order; on one that does not
 (ext4 reorders writeback), a power loss or kernel crash between flushes can leave the metadata
@@ -108,6 +136,7 @@ ALL_DBS = (DB_INFO, DB_MAP, DB_REFS, DB_INDEX, DB_AGE, DB_FREE, DB_DEFERRED)
 KEY_FORMAT = b"format"
 KEY_CONFIG = b"config"
 KEY_STATE = b"state"
+KEY_PREALLOC = b"prealloc"
 
 KIND_SLOT = 1
 KIND_FILL = 2
@@ -117,7 +146,9 @@ FORMAT = struct.Struct("<8sI")  # magic, version
 MAP_ENTRY = struct.Struct("<BQ")  # kind, slot or fill word
 REF = struct.Struct("<I16s")  # refcount, fingerprint
 INDEX_ENTRY = struct.Struct("<QQ")  # slot, seq
-BACKEND_HEADER = struct.Struct("<8sI16s")  # magic, version, store uuid
+BACKEND_HEADER = struct.Struct("<8sI16sI")  # magic, version, store uuid, flags
+BACKEND_PREALLOCATED = 0x1  # header flag: the file was written in full; never punch it
+PREALLOC = struct.Struct("<Q")  # info/prealloc: bytes of meta/data.mdb written at create
 # size, page_size, slot_capacity, max_index_entries (0: unbounded), max_share, fingerprint algo,
 # store uuid; the backend path (UTF-8, empty for STORE/slots) follows.
 CONFIG = struct.Struct("<QIQQIB16s")

@@ -3,10 +3,14 @@
 
 Commits are not synced (``MDB_NOSYNC``): a committed transaction is in the page cache and survives a
 kill of the process; `Meta.sync` makes everything committed durable. The store calls it on flush.
+
+In a preallocated store (``info/prealloc``, see "Preallocated stores" in the format) a writer maps
+exactly the preallocated part of ``data.mdb`` while the data fits: LMDB never writes past it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -28,12 +32,15 @@ from .format import (
     FORMAT_VERSION,
     KEY_CONFIG,
     KEY_FORMAT,
+    KEY_PREALLOC,
     KEY_STATE,
+    PREALLOC,
     Config,
     State,
 )
 
 INITIAL_MAP_SIZE = 64 << 20
+log = logging.getLogger(__name__)
 # LMDB forbids opening one environment twice in a process, so statistics taken while this process
 # serves the store must reuse the open environment: the only module-level state in the store.
 _OPEN: dict[str, Meta] = {}
@@ -44,19 +51,31 @@ T = TypeVar("T")
 class Meta:
     """One store's LMDB environment and its sub-databases."""
 
-    def __init__(self, store_dir: str, *, readonly: bool, create: bool = False) -> None:
+    def __init__(
+        self, store_dir: str, *, readonly: bool, create: bool = False, map_size: int = 0
+    ) -> None:
         path = os.path.join(store_dir, META_DIR)
-        if not create and not os.path.exists(os.path.join(path, "data.mdb")):
+        data_mdb = os.path.join(path, "data.mdb")
+        if not create and not os.path.exists(data_mdb):
             raise NotAStore(f"{store_dir} is not a dedupblk store (no {META_DIR}/data.mdb)")
+        if not map_size:
+            # A writer's map is the file (LMDB extends the file to the map with writemap):
+            # keep an existing store's size, so a preallocated data.mdb is mapped exactly.
+            existing = os.path.getsize(data_mdb) if os.path.exists(data_mdb) else 0
+            map_size = existing or INITIAL_MAP_SIZE
         try:
             self.env = lmdb.open(
                 path,
-                map_size=INITIAL_MAP_SIZE,
+                map_size=map_size,
                 max_dbs=len(ALL_DBS),
                 readonly=readonly,
                 sync=False,
                 metasync=False,
                 readahead=False,
+                # A writer changes pages in the shared map instead of writing each dirty page
+                # with its own pwrite at commit: measured about a quarter less CPU per
+                # ublk pass.  Readers (other processes' `stats`) keep a read-only map.
+                writemap=not readonly,
                 create=create,
                 subdir=True,
             )
@@ -76,7 +95,25 @@ class Meta:
         self.deferred = self.dbs[DB_DEFERRED]
         self._key = os.path.realpath(path)
         self._reader: Any = None
+        self.preallocated = self._read_prealloc()
+        if not readonly and self.preallocated:
+            # The map is the written part of data.mdb (LMDB raises it to what is in use): a
+            # server that locks its memory (ublk) locks all of it now, and the map never has
+            # to grow, nor be faulted in, while serving.
+            self.env.set_mapsize(self.preallocated)
         _OPEN[self._key] = self
+
+    def _read_prealloc(self) -> int:
+        """``info/prealloc``: bytes of data.mdb written at create, 0 when not preallocated."""
+        with self.env.begin() as txn:
+            raw = txn.get(KEY_PREALLOC, db=self.info)
+        if raw is None:
+            return 0
+        try:
+            size: int = PREALLOC.unpack(raw)[0]
+        except Exception as exc:
+            raise FormatError(f"undecodable prealloc record in {self._key}") from exc
+        return size
 
     @staticmethod
     def opened(store_dir: str) -> Meta | None:
@@ -132,13 +169,29 @@ class Meta:
             except lmdb.MapFullError:
                 txn.abort()
                 self._drop_reader()  # growing the map needs no open transaction
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                self.env.set_mapsize(self._grown_map_size())
                 continue
             except BaseException:
                 txn.abort()
                 raise
             self._drop_reader()
             return result
+
+    def _grown_map_size(self) -> int:
+        """Twice the map, but no further than the preallocated part of data.mdb until the map
+        fills it (a reader's map may be smaller): past it, LMDB extends the file, which
+        allocates file blocks while serving."""
+        current: int = self.env.info()["map_size"]
+        grown = current * 2
+        if self.preallocated:
+            if current < self.preallocated:
+                return min(grown, self.preallocated)
+            log.warning(
+                "the store's metadata outgrew its preallocated %d bytes: data.mdb grows from now "
+                "on, which allocates file blocks while serving (not swap-safe)",
+                self.preallocated,
+            )
+        return grown
 
     def entries(self, txn: Any, db: Any) -> int:
         count: int = txn.stat(db)["entries"]

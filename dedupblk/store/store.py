@@ -5,7 +5,8 @@ The on-disk format, its invariants and the write order are specified once in
 
 Group commit: `Store.write` classifies pages and keeps them in a bounded buffer of pending pages
 (`GROUP_PAGES` pages or `GROUP_SECONDS` seconds, whichever comes first; a background thread
-commits a batch that waited its time). `Store.commit` applies the buffer in one LMDB write
+commits a batch that waited its time, unless the store was opened with ``group_commit=False``
+by a caller that commits every batch itself). `Store.commit` applies the buffer in one LMDB write
 transaction; `Store.flush` commits and makes everything durable. Reads see pending pages. A kill
 of the process loses only pages still pending, which read back afterwards as their old content.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import threading
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .backend import Backend
+from .backend import Backend, fill_holes
 from .errors import (
     BackendMismatch,
     InvalidRequest,
@@ -47,19 +49,21 @@ from .format import (
     INDEX_ENTRY,
     KEY_CONFIG,
     KEY_FORMAT,
+    KEY_PREALLOC,
     KEY_STATE,
     KIND_FILL,
     KIND_SLOT,
     MAP_ENTRY,
     PAGE_SHIFT,
     PAGE_SIZE,
+    PREALLOC,
     REF,
     U64BE,
     Config,
     State,
     key_int,
 )
-from .meta import Meta
+from .meta import META_DIR, Meta
 
 if TYPE_CHECKING:
     from .check import Problem
@@ -69,7 +73,10 @@ log = logging.getLogger(__name__)
 GROUP_PAGES = 1024  # pages buffered before a commit (4 MiB)
 GROUP_SECONDS = 0.05  # longest a buffered page waits for its commit
 DEFERRED_LIMIT = 1 << 16  # freed-but-not-durable slots before a commit forces a flush
+SLOT_CACHE_PAGES = 1024  # slot contents kept for verifying duplicates (4 MiB)
 DATA_FILE = "slots"
+META_PREALLOC_PER_PAGE = 256  # bytes of data.mdb preallocated per page of the device
+META_PREALLOC_MIN = 1 << 20
 LOCK_FILE = "lock"
 
 # A pending page: (kind, fill word, page bytes for DATA).
@@ -119,6 +126,8 @@ def create_store(
     backend_size: int | None = None,
     max_index_entries: int | None = None,
     max_share: int = DEFAULT_MAX_SHARE,
+    preallocate: bool = False,
+    meta_size: int | None = None,
 ) -> None:
     """Create an empty store of ``size`` bytes at ``path`` (a new or empty directory).
 
@@ -126,6 +135,11 @@ def create_store(
     ``backend_size`` sets the capacity of a new data file (default: the header slot, the device
     size and a quarter more; the file is sparse). If creation fails part-way, the partial
     directory is removed; an existing store is never touched.
+
+    ``preallocate`` (for swap; see "Preallocated stores" in the format) writes every block of
+    the store's files with zeros before returning: the data file in full (a block device
+    backend needs nothing) and LMDB's ``data.mdb`` up to ``meta_size`` bytes (default
+    `default_meta_size`), so that serving allocates no file block while the metadata fits.
     """
     store_dir = os.fspath(path)
     if size <= 0 or size % PAGE_SIZE:
@@ -137,6 +151,13 @@ def create_store(
     if backend_size is not None and (backend_size < 2 * PAGE_SIZE or backend_size % PAGE_SIZE):
         raise InvalidRequest(
             f"bad backend size {backend_size}: a multiple of {PAGE_SIZE}, at least two slots"
+        )
+    if meta_size is not None and not preallocate:
+        raise InvalidRequest("a metadata size is only given with preallocation")
+    if meta_size is not None and (meta_size < META_PREALLOC_MIN or meta_size % PAGE_SIZE):
+        raise InvalidRequest(
+            f"bad metadata size {meta_size}: a multiple of {PAGE_SIZE}, at least "
+            f"{META_PREALLOC_MIN}"
         )
     if os.path.exists(store_dir):
         if not os.path.isdir(store_dir):
@@ -159,7 +180,7 @@ def create_store(
             # The data file is sparse, so headroom costs nothing: it lets overwrites take new slots
             # while the old ones wait (deferred) for a flush, instead of forcing one.
             capacity = PAGE_SIZE + size + (size // 4) // PAGE_SIZE * PAGE_SIZE
-        slots = Backend.create(data_path, capacity, store_uuid)
+        slots = Backend.create(data_path, capacity, store_uuid, preallocate=preallocate)
         try:
             slot_capacity = slots.capacity_slots()
             slots.sync()
@@ -177,7 +198,8 @@ def create_store(
             uuid=store_uuid,
             backend=backend_path,
         )
-        meta = Meta(store_dir, readonly=False, create=True)
+        meta_bytes = (meta_size or default_meta_size(size)) if preallocate else 0
+        meta = Meta(store_dir, readonly=False, create=True, map_size=meta_bytes)
         try:
 
             def init(txn: Any) -> None:
@@ -185,16 +207,46 @@ def create_store(
                 txn.put(KEY_CONFIG, config.pack(), db=meta.info)
                 state = State(FIRST_DATA_SLOT, 0, 0, 0, clean=1)
                 txn.put(KEY_STATE, state.pack(), db=meta.info)
+                if meta_bytes:
+                    txn.put(KEY_PREALLOC, PREALLOC.pack(meta_bytes), db=meta.info)
 
             meta.write(init)
             meta.sync()
         finally:
             meta.close()
+        if preallocate:
+            _preallocate_meta(store_dir, meta_bytes)
         with open(os.path.join(store_dir, LOCK_FILE), "w"):
             pass
     except BaseException:
         _remove_partial(store_dir, made_dir, backend_path)
         raise
+
+
+def default_meta_size(size: int) -> int:
+    """Bytes of ``data.mdb`` to preallocate for a device of ``size`` bytes: `META_PREALLOC_PER_PAGE`
+    per page, rounded up to a MiB. Measured: filling a store with unique pages takes about 210 to
+    250 bytes of metadata per page; random overwrites of all of it, with LMDB's free pages, up to
+    about 530 (with ``max_index_entries``). A server that locks its memory (ublk) keeps all of
+    it in memory, hence not more by default; ``meta_size`` sets it."""
+    wanted = max(META_PREALLOC_MIN, size // PAGE_SIZE * META_PREALLOC_PER_PAGE)
+    return -(-wanted // (1 << 20)) * (1 << 20)
+
+
+def _preallocate_meta(store_dir: str, meta_bytes: int) -> None:
+    """Write ``data.mdb`` with zeros up to ``meta_bytes`` and every block of ``lock.mdb`` (LMDB
+    writes its reader table through a shared mapping; a hole there would be allocated while
+    serving). Existing content is kept; both are synced."""
+    for name, end in (("data.mdb", meta_bytes), ("lock.mdb", None)):
+        path = os.path.join(store_dir, META_DIR, name)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as exc:
+            raise StoreError(f"cannot open {path}: {exc.strerror}") from exc
+        try:
+            fill_holes(fd, max(end or 0, os.fstat(fd).st_size), path)
+        finally:
+            os.close(fd)
 
 
 def _remove_partial(store_dir: str, made_dir: bool, backend_path: str) -> None:
@@ -213,13 +265,21 @@ def open_store(
     *,
     readonly: bool = False,
     fingerprint: FingerprintFn | None = None,
+    group_commit: bool = True,
 ) -> Store:
     """Open a store: exclusively for writing, or shared with other read-only openers.
 
     ``fingerprint`` replaces XXH3-128 (tests inject colliding functions to prove that verify keeps
-    different pages apart). Use as a context manager; `Store.close` flushes.
+    different pages apart). ``group_commit=False`` is for a caller that commits every batch
+    itself (the ublk server, once per pass): no background thread then commits on a timer, so
+    none competes with the request path. Use as a context manager; `Store.close` flushes.
     """
-    return Store(os.fspath(path), readonly=readonly, fingerprint=fingerprint or xxh3_128)
+    return Store(
+        os.fspath(path),
+        readonly=readonly,
+        fingerprint=fingerprint or xxh3_128,
+        group_commit=group_commit,
+    )
 
 
 class _StoreLock:
@@ -256,7 +316,14 @@ class Store:
     """An open store. See the module docstring for batching and `dedupblk.store.format` for
     what survives a crash."""
 
-    def __init__(self, store_dir: str, *, readonly: bool, fingerprint: FingerprintFn) -> None:
+    def __init__(
+        self,
+        store_dir: str,
+        *,
+        readonly: bool,
+        fingerprint: FingerprintFn,
+        group_commit: bool = True,
+    ) -> None:
         if not os.path.isfile(os.path.join(store_dir, "meta", "data.mdb")):
             kind = "no such store" if not os.path.exists(store_dir) else "not a dedupblk store"
             raise NotAStore(f"{store_dir}: {kind}")
@@ -296,10 +363,16 @@ class Store:
         self._pending_data = 0  # DATA pages in _pending: each may need one slot
         self._pending_since = 0.0
         self._available = 0  # slots a new page may take: free plus never used
+        self._free_count = 0  # slots in the free database
         self._deferred = 0  # slots freed since the last durable point
         self._to_release: list[bytes] = []  # deferred slots a flush made durable: to punch
         self._releasing: set[bytes] = set()  # slots the committer is punching, without the lock
         self._committer: threading.Thread | None = None
+        self._committer_idle = True  # it waits with no deadline: a new batch must wake it
+        self._group_commit = group_commit  # commit a batch GROUP_SECONDS old in the background
+        # Slot contents recently written or read for verification, so that a duplicate of a hot
+        # page is verified without a read from the backend (bounded; see `_remember_slots`).
+        self._slot_cache: dict[int, bytes] = {}
         self._wake = threading.Condition(self._lock)
         if not readonly:
             self._open_for_writing()
@@ -377,6 +450,7 @@ class Store:
             meta = self._meta
             parts: list[bytes] = []
             get = meta.reader().get
+            cache = self._slot_cache
             mapdb = meta.map
             for page in range(first, last + 1):
                 entry = pending.get(page)
@@ -388,9 +462,10 @@ class Store:
                     parts.append(ZERO_PAGE)
                     continue
                 kind, value = _unpack_map(raw)
-                parts.append(
-                    self._backend.read_slot(value) if kind == KIND_SLOT else fill_page(value)
-                )
+                if kind == KIND_SLOT:
+                    parts.append(cache.get(value) or self._backend.read_slot(value))
+                else:
+                    parts.append(fill_page(value))
             data = parts[0] if len(parts) == 1 else b"".join(parts)
             start = offset - (first << PAGE_SHIFT)
             if start == 0 and length == len(data):
@@ -540,8 +615,9 @@ class Store:
             replaces_data = False
         if not self._pending:
             self._pending_since = time.monotonic()
-            self._start_committer()
-            self._wake.notify()
+            if self._committer_idle and self._group_commit:  # else it has a deadline already
+                self._start_committer()
+                self._wake.notify()
         self._pending[page] = entry
         self._pending_data += (kind == DATA) - replaces_data
         if len(self._pending) >= GROUP_PAGES:
@@ -566,7 +642,7 @@ class Store:
             while not self._closed:
                 if self._to_release:
                     self._release_in_background()
-                elif self._pending:
+                elif self._pending and self._group_commit:
                     due = self._pending_since + GROUP_SECONDS - time.monotonic()
                     if due <= 0:
                         try:
@@ -577,7 +653,10 @@ class Store:
                         continue
                     self._wake.wait(due)
                 else:
+                    self._committer_idle = True
                     self._wake.wait(1.0)
+                    self._committer_idle = False
+            self._committer_idle = True
 
     def _release_in_background(self) -> None:
         """Punch the slots a flush released without holding the lock (requests go on), then make
@@ -603,7 +682,7 @@ class Store:
     def _refresh_available(self) -> None:
         meta = self._meta
         with meta.env.begin() as txn:
-            free = meta.entries(txn, meta.free)
+            free = self._free_count = meta.entries(txn, meta.free)
             self._deferred = meta.entries(txn, meta.deferred)
         self._available = free + self.config.slot_capacity - self._state.slot_high
 
@@ -656,12 +735,35 @@ class Store:
         if not self._pending or self._closed:
             return
         batch = self._pending
-        self._state = self._meta.write(lambda txn: _Batch(self, txn).apply(batch))
+        applied: list[_Batch] = []
+
+        def body(txn: Any) -> State:
+            applied[:] = [_Batch(self, txn)]  # the last try is the one that committed
+            return applied[0].apply(batch)
+
+        self._state = self._meta.write(body)
         self._pending = {}
         self._pending_data = 0
-        self._refresh_available()
+        done = applied[0]
+        self._available -= done.allocated
+        self._free_count = done.free_left
+        self._deferred += len(done.dead)
+        self._remember_slots(done)
         if self._deferred > DEFERRED_LIMIT:
             self._flush_locked()
+
+    def _remember_slots(self, done: _Batch) -> None:
+        """After a commit: forget the slots it freed, remember the ones it wrote or read, and keep
+        the cache within `SLOT_CACHE_PAGES` (oldest first out)."""
+        cache = self._slot_cache
+        for slot in done.dead:
+            cache.pop(slot, None)
+        cache.update(done.new_data)
+        cache.update(done.stored)
+        excess = len(cache) - SLOT_CACHE_PAGES
+        if excess > 0:
+            for slot in list(itertools.islice(cache, excess)):
+                del cache[slot]
 
     def statistics(self) -> Statistics:
         """Usage as of the last commit (pending pages are not counted)."""
@@ -703,10 +805,15 @@ class _Batch:
         self.new_data: dict[int, bytes] = {}  # slot -> page, for slots allocated in this batch
         self.new_refs: dict[int, bytes] = {}  # slot -> fingerprint, likewise
         self.deltas: dict[int, int] = {}  # slot -> refcount change in this batch
-        self.committed: dict[int, int] = {}  # slot -> refcount before this batch (read lazily)
+        # slot -> (refcount, fingerprint) before this batch, read lazily
+        self.committed: dict[int, tuple[int, bytes]] = {}
         self.targets: dict[bytes, tuple[int, bytes | None]] = {}  # fp -> (slot, index record)
         self.stored: dict[int, bytes] = {}  # slot -> bytes read for verification
+        self.cache = store._slot_cache  # committed slots' contents (read-only here)
+        self.allocated = 0  # slots taken from the free ones or the never-used ones
+        self.dead: list[int] = []  # slots whose last reference this batch dropped
         self.free_cursor: Any = None
+        self.free_left = store._free_count
         self.index_entries = self.meta.entries(txn, self.meta.index) if self.bounded else 0
         # Lookups through cursors: cheaper than txn.get(..., db=...) per call.
         self.refs_get = txn.cursor(db=self.meta.refs).get
@@ -714,79 +821,78 @@ class _Batch:
 
     def apply(self, batch: dict[int, Pending]) -> State:
         txn, state, deltas = self.txn, self.state, self.deltas
-        # A cursor's get and put cost less than the transaction's (no database argument).
+        # A cursor's calls cost less than the transaction's (no database argument), and
+        # `replace` writes a record and returns the old one in a single tree descent.
         map_cursor = txn.cursor(db=self.meta.map)
-        get, put, delete = map_cursor.get, map_cursor.put, map_cursor.delete
-        fingerprint, dedup_target = self.fingerprint, self._dedup_target
+        get, replace, pop = map_cursor.get, map_cursor.replace, map_cursor.pop
+        fingerprint, targets, index_get = self.fingerprint, self.targets, self.index_get
+        committed, refs_get, max_share = self.committed, self.refs_get, self.config.max_share
+        new_data, stored, cache = self.new_data, self.stored, self.cache
         for page in sorted(batch):
             kind, word, content = batch[page]
             key = _pack_u64(page)
-            raw_old = get(key)  # positions the cursor on the page's entry when there is one
-            old_kind, old_value = _unpack_map(raw_old) if raw_old is not None else (0, 0)
-            old_slot = old_value if old_kind == KIND_SLOT else 0
             if kind == ZERO:
-                if raw_old is None:
-                    continue
-                delete()
+                raw_old = pop(key)
             elif kind == FILL:
-                if old_kind == KIND_FILL and old_value == word:
-                    continue
-                put(key, _pack_map(KIND_FILL, word))
-                state.same_filled_pages += 1
+                raw_old = replace(key, _pack_map(KIND_FILL, word))
+                state.same_filled_pages += 1  # a rewrite of the same word nets out below
             else:
                 assert content is not None
                 fp = fingerprint(content)
-                target, outcome = dedup_target(fp, content, old_slot)
-                if target and target == old_slot:
-                    continue  # rewrote the content the page already had
+                # The dedup target: the indexed slot, if it holds these very bytes (never trust
+                # a fingerprint alone) and may take one more reference.
+                known = targets.get(fp)
+                if known is None:
+                    raw = index_get(fp)
+                    known = targets[fp] = (_unpack_index(raw)[0] if raw else 0, raw)
+                target = known[0]
+                outcome = _NEW
                 if target:
+                    held = new_data.get(target) or stored.get(target) or cache.get(target)
+                    if held is None:
+                        held = stored[target] = self.backend.read_slot(target)
+                    if held != content:
+                        outcome = _COLLISION
+                    else:
+                        ref = committed.get(target)
+                        if ref is None:
+                            raw = refs_get(_pack_u64(target))
+                            ref = committed[target] = _unpack_ref(raw) if raw else (0, fp)
+                        if ref[0] + deltas.get(target, 0) < max_share:
+                            outcome = _HIT
+                        else:
+                            outcome = _FULL
+                            raw_old = get(key)
+                            if raw_old == _pack_map(KIND_SLOT, target):
+                                continue  # already shares it: no new reference needed
+                if outcome == _HIT:
+                    raw_old = replace(key, _pack_map(KIND_SLOT, target))
+                    if raw_old is not None and _unpack_map(raw_old) == (KIND_SLOT, target):
+                        continue  # rewrote the content the page already had
                     deltas[target] = deltas.get(target, 0) + 1
                 else:
                     target = self._store_new(fp, content, outcome)
-                put(key, _pack_map(KIND_SLOT, target))
+                    raw_old = replace(key, _pack_map(KIND_SLOT, target))
                 state.mapped_pages += 1
+            if raw_old is None:
+                continue
+            old_kind, old_value = _unpack_map(raw_old)
             if old_kind == KIND_SLOT:
                 state.mapped_pages -= 1
-                deltas[old_slot] = deltas.get(old_slot, 0) - 1
+                deltas[old_value] = deltas.get(old_value, 0) - 1
             elif old_kind == KIND_FILL:
                 state.same_filled_pages -= 1
         self._apply_refcounts()
         if self.bounded and self.index_entries > self.config.max_index_entries:
             self._prune_index()
-        if self.new_data:
-            self.backend.write_slots(list(self.new_data.items()))
+        if new_data:
+            self.backend.write_slots(list(new_data.items()))
         txn.put(KEY_STATE, state.pack(), db=self.meta.info)
         return state
 
-    def _refcount(self, slot: int) -> int:
-        """The slot's refcount as this batch has it so far."""
-        committed = self.committed.get(slot)
-        if committed is None:
-            raw = self.refs_get(_pack_u64(slot))
-            committed = _unpack_ref(raw)[0] if raw is not None else 0
-            self.committed[slot] = committed
-        return committed + self.deltas.get(slot, 0)
-
-    def _dedup_target(self, fp: bytes, content: bytes, old_slot: int) -> tuple[int, int]:
-        """(slot, _HIT) when a slot already holds ``content`` and may take one more reference,
-        else (0, why not): _NEW (unknown fingerprint), _FULL (max-share), _COLLISION."""
-        known = self.targets.get(fp)
-        if known is None:
-            raw = self.index_get(fp)
-            known = (_unpack_index(raw)[0] if raw is not None else 0, raw)
-            self.targets[fp] = known
-        slot = known[0]
-        if not slot:
-            return 0, _NEW
-        if slot != old_slot and self._refcount(slot) >= self.config.max_share:
-            return 0, (_FULL if self._slot_holds(slot, content) else _COLLISION)
-        if not self._slot_holds(slot, content):
-            return 0, _COLLISION
-        return slot, _HIT
-
     def _slot_holds(self, slot: int, content: bytes) -> bool:
         """Verify: the slot's bytes equal ``content`` (never trust a fingerprint alone)."""
-        stored = self.new_data.get(slot) or self.stored.get(slot)
+        stored = self.new_data.get(slot) or self.stored.get(slot) or self.cache.get(slot)
         if stored is None:
             stored = self.stored[slot] = self.backend.read_slot(slot)
         return stored == content
@@ -798,7 +904,7 @@ class _Batch:
         self.new_data[slot] = content
         self.new_refs[slot] = fp
         self.deltas[slot] = 1
-        self.committed[slot] = 0
+        self.committed[slot] = (0, fp)
         if outcome != _COLLISION:
             raw_old = self.targets[fp][1]
             raw_new = self._index(fp, slot, raw_old)
@@ -816,7 +922,8 @@ class _Batch:
                 continue
             if not delta:
                 continue
-            refcount, fp = _unpack_ref(txn.get(key, db=refsdb))
+            ref = self.committed.get(slot)
+            refcount, fp = ref if ref is not None else _unpack_ref(txn.get(key, db=refsdb))
             if refcount + delta > 0:
                 txn.put(key, _pack_ref(refcount + delta, fp), db=refsdb)
                 continue
@@ -832,6 +939,7 @@ class _Batch:
                         txn.delete(_pack_u64(seq), db=meta.age)
                         self.index_entries -= 1
             txn.put(key, b"", db=meta.deferred)
+            self.dead.append(slot)
 
     def _index(self, fp: bytes, slot: int, raw_old: bytes | None) -> bytes:
         txn, meta, state = self.txn, self.meta, self.state
@@ -877,16 +985,22 @@ class _Batch:
     def _allocate(self) -> int:
         """A slot no committed mapping names: a free slot (never one freed since the last flush:
         those are deferred), else a never-used slot. `StoreFull` when there is none."""
-        if self.free_cursor is None:
-            self.free_cursor = self.txn.cursor(db=self.meta.free)
-        cursor = self.free_cursor
-        if cursor.first():
-            slot: int = U64BE.unpack(cursor.key())[0]
-            cursor.delete()
-            return slot
         state = self.state
+        # The store counts its free slots: no lookup while it knows there are none (and a last
+        # look before giving up, should the count be behind).
+        if self.free_left or state.slot_high >= self.config.slot_capacity:
+            if self.free_cursor is None:
+                self.free_cursor = self.txn.cursor(db=self.meta.free)
+            cursor = self.free_cursor
+            if cursor.first():
+                slot: int = U64BE.unpack(cursor.key())[0]
+                cursor.delete()
+                self.allocated += 1
+                self.free_left = max(0, self.free_left - 1)
+                return slot
         if state.slot_high < self.config.slot_capacity:
             state.slot_high += 1
+            self.allocated += 1
             return state.slot_high - 1
         raise StoreFull(f"no free slot in backend {self.backend.path}")
 

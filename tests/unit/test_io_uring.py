@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from dedupblk.frontends.io_uring import (
+    SETUP_DEFER_TASKRUN,
+    SETUP_SINGLE_ISSUER,
     SETUP_SQE128,
     Completion,
     IoUring,
@@ -114,6 +116,26 @@ def test_a_failed_operation_reports_minus_errno(
     done = collect(ring, 2)
     assert done[7].res == -errno.EBADF
     assert done[8].res == 0
+
+
+def test_get_events_runs_deferred_completions_without_waiting(buffer: Mapping) -> None:
+    """With DEFER_TASKRUN a completion that arrives later (a pipe read becoming ready) is only
+    posted when the owner asks for events: `get_events` does, and never blocks."""
+    read_end, write_end = os.pipe()
+    try:
+        with IoUring(4, flags=SETUP_SINGLE_ISSUER | SETUP_DEFER_TASKRUN) as ring:
+            ring.prep_read(read_end, buffer, 0, length=5, user_data=3)
+            assert ring.submit() == 1
+            assert ring.get_events() == 0  # nothing to read yet: returns at once
+            assert ring.completions() == []
+            os.write(write_end, b"hello")
+            assert ring.completions() == []  # deferred until the owner enters
+            assert ring.get_events() == 0
+            assert ring.completions() == [Completion(3, 5, 0)]
+            assert bytes(buffer.view()[:5]) == b"hello"
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 def test_sqe128_uring_cmd_reaches_the_file(buffer: Mapping, tmp_path: Path) -> None:

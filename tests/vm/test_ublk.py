@@ -34,6 +34,7 @@ SWAP_CHECKS = [
     "dedup of swapped pages",
     "swap discards reach the store once the hog is gone",
     "stop: swapoff, device removed, store clean",
+    "the preallocated store was never punched nor extended",
 ]
 
 
@@ -54,6 +55,8 @@ def test_block_device(vm: Harness) -> None:
 
 
 def test_swap(vm: Harness) -> None:
-    # The hog allocates 1.5 x the limit of its memory cgroup (see guest/ublk_checks.py for why a
-    # cgroup and not the whole guest's memory).
-    run_group(vm, "swap", SWAP_CHECKS, timeout=1200, memory_mb=768, scratch_mb=1024)
+    # The store preallocated on /scratch remounted lazytime (the README's swap placement); the
+    # hog allocates 1.5 x the limit of its memory cgroup.  The same with the whole guest out of
+    # memory (group "swap") passed 5 of 6 runs here and hung once: it is the known limit the
+    # README describes, and a hang cannot be a CI test (see guest/ublk_checks.py).
+    run_group(vm, "swap-cgroup", SWAP_CHECKS, timeout=1200, memory_mb=768, scratch_mb=1024)
