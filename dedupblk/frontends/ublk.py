@@ -726,7 +726,9 @@ class QueueRunner:
                 self._apply(tags, descs, views, work)
                 # Requests that arrived while these were applied join this pass: one commit
                 # for all of them (a growing pass is cheaper per request than a new one).
-                ring.get_events()
+                submitted = ring.get_events()  # none, unless the wait above stopped early
+                outstanding += submitted
+                prepared -= submitted
                 completions = ring.completions()
             if not work.results:
                 continue

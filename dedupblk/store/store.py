@@ -639,24 +639,29 @@ class Store:
         """Housekeeping off the request path: commit a batch that waited `GROUP_SECONDS` when no
         request did it first, and punch slots released by a flush (see `_release_deferred`)."""
         with self._lock:
-            while not self._closed:
-                if self._to_release:
-                    self._release_in_background()
-                elif self._pending and self._group_commit:
-                    due = self._pending_since + GROUP_SECONDS - time.monotonic()
-                    if due <= 0:
-                        try:
-                            self._commit_locked()
-                        except Exception:
-                            log.exception("background commit failed; pages stay pending")
-                            self._wake.wait(GROUP_SECONDS)
-                        continue
-                    self._wake.wait(due)
-                else:
-                    self._committer_idle = True
-                    self._wake.wait(1.0)
-                    self._committer_idle = False
-            self._committer_idle = True
+            try:
+                self._committer_work()
+            finally:
+                self._committer_idle = True  # gone: the next batch starts a new one
+
+    def _committer_work(self) -> None:
+        while not self._closed:
+            if self._to_release:
+                self._release_in_background()
+            elif self._pending and self._group_commit:
+                due = self._pending_since + GROUP_SECONDS - time.monotonic()
+                if due <= 0:
+                    try:
+                        self._commit_locked()
+                    except Exception:
+                        log.exception("background commit failed; pages stay pending")
+                        self._wake.wait(GROUP_SECONDS)
+                    continue
+                self._wake.wait(due)
+            else:
+                self._committer_idle = True
+                self._wake.wait(1.0)
+                self._committer_idle = False
 
     def _release_in_background(self) -> None:
         """Punch the slots a flush released without holding the lock (requests go on), then make
@@ -966,6 +971,8 @@ class _Batch:
         if not cursor.first():
             return
         while self.index_entries > target:
+            if not cursor.key():  # a delete of the last record leaves the cursor past the end
+                return
             fp = cursor.value()
             raw_index = txn.get(fp, db=meta.index)
             if raw_index is None:  # cannot happen while the age invariant holds; heal it anyway

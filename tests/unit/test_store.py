@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import os
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -315,6 +316,54 @@ def test_pending_pages_commit_within_the_time_window(store_dir: str) -> None:
         while read_statistics(store_dir)[1].stored_pages == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert read_statistics(store_dir)[1].stored_pages == 1
+
+
+def test_a_dead_committer_is_replaced_by_the_next_batch(
+    store_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The background thread dies on an unexpected error while releasing slots: the next write
+    must still be committed within the time window (a new thread takes over)."""
+    died: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    with open_store(store_dir) as store:
+        store.write(0, rand_page(1))
+        store.commit()
+        store.write(0, rand_page(2))
+        store.commit()  # the first slot dies: deferred until a flush releases it
+        real_free_slots = store._free_slots
+
+        def fail_once(slots: list[bytes]) -> None:
+            monkeypatch.setattr(store, "_free_slots", real_free_slots)
+            raise RuntimeError("simulated failure in the committer thread")
+
+        monkeypatch.setattr(store, "_free_slots", fail_once)
+        store.flush()  # the committer punches in the background, and dies
+        first = store._committer
+        assert first is not None
+        first.join(30)
+        assert not first.is_alive()
+        assert [type(exc) for exc in died] == [RuntimeError]
+        store.write(P, rand_page(3))
+        deadline = time.monotonic() + 30
+        while read_statistics(store_dir)[1].mapped_pages < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert read_statistics(store_dir)[1].mapped_pages == 2
+        assert store._committer is not first
+
+
+def test_pruning_may_remove_the_last_age_record(tmp_path: Path) -> None:
+    """Shared entries are kept and the newest, single one is dropped: the walk then ends at the
+    end of the age records instead of reading past it."""
+    path = str(tmp_path / "s")
+    create_store(path, SMALL, max_index_entries=2)
+    a, b, c = rand_page(1), rand_page(2), rand_page(3)
+    with open_store(path) as store:
+        for n, page in enumerate([a, a, b, b, c]):
+            store.write(n * P, page)
+        store.commit()
+        assert store.statistics().index_entries == 2
+        assert [store.read(n * P, P) for n in range(5)] == [a, a, b, b, c]
+    assert check_store(path).problems == []
 
 
 def test_without_group_commit_only_the_caller_commits(store_dir: str) -> None:
