@@ -83,14 +83,19 @@ Every block of the store's files is allocated and written (not an unwritten exte
 before the store is first served: the slot data file in full (a block device backend needs
 nothing), ``meta/data.mdb`` up to ``prealloc`` bytes, ``meta/lock.mdb`` in full; then each is
 ``fdatasync``-ed. Serving then never allocates a file block nor converts an extent as long as the
-metadata fits in ``prealloc``: slots are never punched (see Backend), and LMDB (which writes its
-pages with ``pwrite``) only writes below its map size, which a writer sets to ``prealloc``. If
+metadata fits in ``prealloc``: slots are never punched (see Backend), and LMDB (which changes its
+pages in the writable map) only writes below its map size, which a writer sets to ``prealloc``. If
 the metadata outgrows it, the map grows past it and the file is extended as in any store (with a
 warning in the log). Slot I/O is ``O_DIRECT``: writing a slot needs no page-cache page. On a
 filesystem mounted ``lazytime`` (timestamps not journalled) the server's writes to these files
 then never wait for the filesystem's journal nor for memory to be reclaimed: what a swap device
 needs (see "Swap safety" in `dedupblk.frontends.ublk`). Durability is unchanged: ``flush`` still
 syncs both.
+
+Metadata writes: a writer opens LMDB with ``MDB_WRITEMAP`` (dirty pages are changed in the shared
+map; no ``pwrite`` per page at commit) and ``MDB_NOSYNC``. LMDB extends ``data.mdb`` to the map
+size; every block of it is allocated (``posix_fallocate``) before the map is used or grown, so a
+full filesystem fails the growth with ``StoreFull`` instead of faulting a write into a hole.
 
 Power loss: LMDB commits between flushes are not synced (``MDB_NOSYNC``). LMDB documents that such
 commits keep their atomicity only on a filesystem that preserves write order; on one that does not

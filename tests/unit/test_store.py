@@ -307,6 +307,33 @@ def test_map_grows_instead_of_failing(tmp_path: Path, monkeypatch: pytest.Monkey
     assert check_store(path).problems == []
 
 
+def test_map_growth_without_disk_space_is_store_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writable map is allocated on disk before it grows (a write through it into a hole of
+    a full filesystem would be SIGBUS): no room is `StoreFull`, the pages stay pending, and the
+    commit succeeds once there is room."""
+    monkeypatch.setattr(meta_module, "INITIAL_MAP_SIZE", 64 << 10)
+    path = str(tmp_path / "s")
+    create_store(path, 16 << 20)
+    pages = b"".join(rand_page(n) for n in range(600))
+    with open_store(path) as store:
+        real_fallocate = os.posix_fallocate
+
+        def no_space(fd: int, offset: int, length: int) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(meta_module.os, "posix_fallocate", no_space)
+        store.write(0, pages)  # 600 pages need more than a 64 KiB map
+        with pytest.raises(StoreFull, match="metadata"):
+            store.commit()
+        assert store.read(0, len(pages)) == pages  # still pending, still readable
+        monkeypatch.setattr(meta_module.os, "posix_fallocate", real_fallocate)
+        store.commit()
+        assert store.statistics().mapped_pages == 600
+    assert check_store(path).problems == []
+
+
 def test_pending_pages_commit_within_the_time_window(store_dir: str) -> None:
     with open_store(store_dir) as store:
         with store._lock:  # the committer cannot run in between: no race with its time window
