@@ -895,13 +895,6 @@ class _Batch:
         txn.put(KEY_STATE, state.pack(), db=self.meta.info)
         return state
 
-    def _slot_holds(self, slot: int, content: bytes) -> bool:
-        """Verify: the slot's bytes equal ``content`` (never trust a fingerprint alone)."""
-        stored = self.new_data.get(slot) or self.stored.get(slot) or self.cache.get(slot)
-        if stored is None:
-            stored = self.stored[slot] = self.backend.read_slot(slot)
-        return stored == content
-
     def _store_new(self, fp: bytes, content: bytes, outcome: int) -> int:
         """Put ``content`` in a newly allocated slot. A new fingerprint, or one whose slot reached
         max-share, makes the new slot the dedup target; a collision keeps the indexed one."""
