@@ -70,11 +70,11 @@ written at create, never punched, slot I/O ``O_DIRECT``, LMDB's map fixed to the
 locked metadata; see "Preallocated stores" in `dedupblk.store.format`) on a filesystem mounted
 ``lazytime``; `check_placement` warns otherwise.  On 6.12 under TCG that placement, with the
 server's heap kept (``mallopt`` above), passed the whole-machine test (group ``swap`` of
-tests/vm/guest/ublk_checks.py: a hog of 1.5 times MemAvailable, no cgroup) in 5 runs of 6; the
-sixth, which overlapped another VM on the host, hung.  Hangs seen earlier the same day had
-kswapd, jbd2 and the hog all waiting (``wbt_wait``) on swap writes to this device and no server
-thread in uninterruptible sleep: an allocation on the server's path that finds nothing to
-reclaim without I/O.  A userspace server cannot draw on the kernel's emergency reserves
+tests/vm/guest/ublk_checks.py: a hog of 1.5 times MemAvailable, no cgroup) in 7 runs of 9 on
+2026-11-27 and hung in the other two (without MDB_WRITEMAP it hung in 2 runs of 2).  The hangs
+inspected had kswapd, jbd2 and the hog all waiting (``wbt_wait``) on swap writes to this device
+and no server thread in uninterruptible sleep: an allocation on the server's path that finds
+nothing to reclaim without I/O.  A userspace server cannot draw on the kernel's emergency reserves
 (``PF_MEMALLOC``), so this is a limit of the design, not closed here; the tests run the hog in a
 memory cgroup (tests/vm/test_ublk.py::test_swap).
 

@@ -57,6 +57,6 @@ def test_block_device(vm: Harness) -> None:
 def test_swap(vm: Harness) -> None:
     # The store preallocated on /scratch remounted lazytime (the README's swap placement); the
     # hog allocates 1.5 x the limit of its memory cgroup.  The same with the whole guest out of
-    # memory (group "swap") passed 5 of 6 runs here and hung once: it is the known limit the
+    # memory (group "swap") passed 7 of 9 runs here and hung in two: it is the known limit the
     # README describes, and a hang cannot be a CI test (see guest/ublk_checks.py).
     run_group(vm, "swap-cgroup", SWAP_CHECKS, timeout=1200, memory_mb=768, scratch_mb=1024)

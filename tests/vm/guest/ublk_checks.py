@@ -9,8 +9,8 @@ Runs inside the VM with the project's venv python (``python tests/vm/guest/ublk_
   README calls swap-safe), and a memory hog with no cgroup allocates 1.5 times the guest's
   MemAvailable in pages that are zero, same-filled, duplicated or unique, verifies every byte,
   and the store's statistics show the dedup.
-  Not run by the tests: with the code of 2026-11-27 it passed 5 runs of 6 and hung in the one
-  that overlapped another VM on the host (see "Known limit" in dedupblk/frontends/ublk.py):
+  Not run by the tests: on 2026-11-27 it passed 7 runs of 9 and hung in two (see "Known limit"
+  in dedupblk/frontends/ublk.py):
   ``python -m tests.vm.harness run --memory-mb 768 --scratch-mb 1024 -- '.venv/bin/python
   tests/vm/guest/ublk_checks.py swap'``.
 - ``swap-cgroup`` (tests/vm/test_ublk.py::test_swap): the same with the hog confined to a memory
