@@ -1177,8 +1177,6 @@ def _keep_heap() -> None:
     """Make malloc keep what it got (no trimming, no mmap per large block) and grow in 16 MiB
     steps: freed request buffers are reused instead of being returned to the kernel and faulted
     in (and, under mlockall, locked) again on the next pass."""
-    if os.environ.get("DEDUPBLK_NO_MALLOPT"):
-        return
     for param, value in (
         (M_TRIM_THRESHOLD, -1),
         (M_MMAP_MAX, 0),

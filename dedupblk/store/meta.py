@@ -76,7 +76,8 @@ class Meta:
                 readahead=False,
                 # A writer changes pages in the shared map (MDB_WRITEMAP) instead of writing
                 # each dirty page with pwrite at commit: about a quarter less CPU per ublk pass,
-                # and no page-cache writes on the swap path.  Every block of the map is
+                # and the whole-machine swap test hung far less often with it (see "Known limit"
+                # in dedupblk/frontends/ublk.py).  Every block of the map is
                 # allocated first (`_reserve`): a write through the map into a hole of a full
                 # filesystem would kill the process with SIGBUS.
                 writemap=not readonly,

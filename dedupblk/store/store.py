@@ -871,8 +871,9 @@ class _Batch:
                             if raw_old == _pack_map(KIND_SLOT, target):
                                 continue  # already shares it: no new reference needed
                 if outcome == _HIT:
-                    raw_old = replace(key, _pack_map(KIND_SLOT, target))
-                    if raw_old is not None and _unpack_map(raw_old) == (KIND_SLOT, target):
+                    record = _pack_map(KIND_SLOT, target)
+                    raw_old = replace(key, record)
+                    if raw_old == record:
                         continue  # rewrote the content the page already had
                     deltas[target] = deltas.get(target, 0) + 1
                 else:
