@@ -112,6 +112,7 @@ _GUEST_OWNED = (Path("/tmp"), Path("/run"), Path("/dev"), Path("/proc"), Path("/
 _GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _BOOT_MARKER = re.compile(r"vm-init: job starting at uptime ([0-9.]+)")
 _PANIC_MARKER = "Kernel panic - not syncing"
+_BOOT_RETRIES = 1  # further boots after a guest kernel panicked before the command started
 _TERMINAL_CONTROL = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|c)")  # SeaBIOS clears the screen
 _CONSOLE_TAIL_LINES = 40
 _POWER_OFF_GRACE = 10.0  # seconds a guest may take to power off after reporting its status
@@ -218,6 +219,7 @@ class VMResult:
     console: str  # the serial console: kernel messages and the init script's progress lines
     elapsed: float  # wall-clock seconds from starting qemu to its exit
     boot_seconds: float | None  # guest uptime when the command started (None if not reported)
+    failed_boots: tuple[str, ...] = ()  # panic lines of boots discarded before the command ran
 
 
 @contextlib.contextmanager
@@ -549,7 +551,54 @@ class Harness:
 
         Raises VMTimeout (qemu killed) after ``timeout`` seconds, VMError if the guest panicked
         or powered off without reporting a status. Both messages end with the console's tail.
+
+        A guest kernel that panics while booting, before the command started, is booted once more
+        (with a fresh scratch disk). Seen once in CI: ``Oops: int3`` in an initcall while the
+        kernel was patching its own text, the trapping byte already back to a nop in memory, which
+        points at a vCPU running code another vCPU had just rewritten under TCG. Nothing of ours
+        had run yet. The discarded boot is named on stderr and in ``VMResult.failed_boots``; a
+        panic after the command started is always an error.
         """
+        failed_boots: list[str] = []
+        while True:
+            result = self._boot(command, timeout, memory_mb, scratch_mb, env)
+            panic = [line for line in result.console.splitlines() if _PANIC_MARKER in line]
+            if not panic:
+                break
+            if result.boot_seconds is None and len(failed_boots) < _BOOT_RETRIES:
+                failed_boots.append(panic[0].strip())
+                print(
+                    f"vm harness: the guest kernel panicked before the command started "
+                    f"({panic[0].strip()}); booting again. Console tail:\n{_tail(result.console)}",
+                    file=sys.stderr,
+                )
+                continue
+            raise VMError(
+                f"the guest kernel panicked ({panic[0].strip()}):\n{_tail(result.console)}"
+            )
+        if not result.status.isdigit():
+            raise VMError(
+                f"the VM stopped (qemu exit {result.qemu_exit}) without reporting the command's "
+                f"status {result.status!r}:\n{_tail(result.console)}"
+            )
+        return VMResult(
+            returncode=int(result.status),
+            output=result.output,
+            console=result.console,
+            elapsed=result.elapsed,
+            boot_seconds=result.boot_seconds,
+            failed_boots=tuple(failed_boots),
+        )
+
+    def _boot(
+        self,
+        command: str,
+        timeout: float,
+        memory_mb: int,
+        scratch_mb: int,
+        env: Mapping[str, str] | None,
+    ) -> _Boot:
+        """One VM from start to power-off; VMTimeout if it outlives ``timeout``."""
         keep = [
             str(self.repo_root) for owned in _GUEST_OWNED if self.repo_root.is_relative_to(owned)
         ]
@@ -586,26 +635,28 @@ class Harness:
                     f"command output so far (tail):\n{_tail(output, 20)}\n"
                     f"console (tail):\n{_tail(_read_console(console_path))}"
                 )
-            elapsed = time.monotonic() - started
             console = _read_console(console_path)
-            status = _read_optional(share / "status").strip()
-            output = _read_optional(share / "output")
-        panic = [line for line in console.splitlines() if _PANIC_MARKER in line]
-        if panic:
-            raise VMError(f"the guest kernel panicked ({panic[0].strip()}):\n{_tail(console)}")
-        if not status.isdigit():
-            raise VMError(
-                f"the VM stopped (qemu exit {qemu.returncode}) without reporting the command's "
-                f"status {status!r}:\n{_tail(console)}"
+            boot = _BOOT_MARKER.search(console)
+            return _Boot(
+                status=_read_optional(share / "status").strip(),
+                output=_read_optional(share / "output"),
+                console=console,
+                elapsed=time.monotonic() - started,
+                boot_seconds=float(boot.group(1)) if boot else None,
+                qemu_exit=qemu.returncode,
             )
-        boot = _BOOT_MARKER.search(console)
-        return VMResult(
-            returncode=int(status),
-            output=output,
-            console=console,
-            elapsed=elapsed,
-            boot_seconds=float(boot.group(1)) if boot else None,
-        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Boot:
+    """What one qemu run left behind."""
+
+    status: str  # the command's exit status as the guest wrote it ("" if it never did)
+    output: str
+    console: str
+    elapsed: float
+    boot_seconds: float | None  # None: the command never started
+    qemu_exit: int
 
 
 def _wait_for_guest(qemu: subprocess.Popen[bytes], status: Path, timeout: float) -> bool:
