@@ -113,6 +113,11 @@ class Backend:
             finally:
                 os.close(fd)
         backend = cls(path, readonly=False)
+        try:
+            backend._refuse_another_store()
+        except BaseException:
+            backend.close()
+            raise
         if not backend.is_block and capacity_bytes is not None:
             current = device_size(backend.fd)
             if current < capacity_bytes:
@@ -122,6 +127,17 @@ class Backend:
         if preallocate and not backend.is_block:
             fill_holes(backend.fd, device_size(backend.fd), backend.path)
         return backend
+
+    def _refuse_another_store(self) -> None:
+        """Refuse to adopt a backend whose slot 0 is a dedupblk header: it holds the slots of
+        another store, which a new header would orphan."""
+        raw = os.pread(self.fd, BACKEND_HEADER.size, HEADER_SLOT * PAGE_SIZE)
+        if len(raw) == BACKEND_HEADER.size and raw.startswith(BACKEND_MAGIC):
+            raise BackendMismatch(
+                f"backend {self.path} already holds the slots of a dedupblk store; to reuse it, "
+                f"delete that store or clear the backend's first 4 KiB (for example with "
+                f"dd if=/dev/zero of={self.path} bs=4096 count=1 conv=notrunc)"
+            )
 
     def capacity_slots(self) -> int:
         return device_size(self.fd) // PAGE_SIZE
@@ -139,7 +155,9 @@ class Backend:
         if found != uuid:
             raise BackendMismatch(f"backend {self.path} belongs to another store")
         self.flags = flags
-        if flags & BACKEND_PREALLOCATED:
+        if flags & BACKEND_PREALLOCATED or self.is_block:
+            # A block device's page cache would be a second copy of a device that may itself be
+            # memory (zram), and its writeback needs memory at the worst moment for a swap device.
             self._use_direct_io()
 
     def _use_direct_io(self) -> None:

@@ -20,8 +20,8 @@ so that a store refuses a backend that belongs to another store. Data slots are
 ``1 .. slot_capacity - 1``. A freed slot is punched (``fallocate(PUNCH_HOLE)`` on a file,
 ``BLKDISCARD`` on a block device) once the transaction that freed it is durable, except in a file
 whose header has `BACKEND_PREALLOCATED`: such a file was written in full with zeros at create and
-is never punched, so that writing a slot never allocates file blocks. A backend with that flag
-(file or block device) is also read and written with ``O_DIRECT``. Header flags unknown to this
+is never punched, so that writing a slot never allocates file blocks. A file with that flag, and
+every block device backend, is read and written with ``O_DIRECT``. Header flags unknown to this
 version are zero; a header written before flags existed reads as flags 0 (the rest of slot 0 is
 zeros).
 

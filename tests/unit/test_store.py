@@ -12,7 +12,9 @@ from pathlib import Path
 
 import lmdb
 import pytest
+from click.testing import CliRunner
 
+from dedupblk.cli import main
 from dedupblk.store import (
     BackendMismatch,
     FormatError,
@@ -292,6 +294,18 @@ def test_open_refuses_missing_or_other_backend(tmp_path: Path) -> None:
     os.rename(tmp_path / "b2", tmp_path / "b1")
     with pytest.raises(BackendMismatch, match="another store"):
         open_store(one)
+
+
+def test_create_refuses_a_backend_file_of_another_store(tmp_path: Path) -> None:
+    one, two, slots = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "b")
+    create_store(one, SMALL, backend=slots, backend_size=SMALL)
+    with open_store(one) as store:
+        store.write(0, rand_page(5))
+    result = CliRunner().invoke(main, ["create", two, "--size", "1M", "--backend", slots])
+    assert result.exit_code != 0
+    assert "already holds the slots of a dedupblk store" in result.output
+    with open_store(one) as store:
+        assert store.read(0, P) == rand_page(5)
 
 
 def test_map_grows_instead_of_failing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -546,8 +546,12 @@ class Harness:
         memory_mb: int = 2048,
         scratch_mb: int = 512,
         env: Mapping[str, str] | None = None,
+        save_console: Path | None = None,
     ) -> VMResult:
         """Boot a VM, run ``command`` with /bin/sh in it, and return its status and output.
+
+        ``save_console``: a file that receives the whole serial console of every boot, whatever
+        the outcome (a timed-out guest's hung-task reports are longer than an error's tail).
 
         Raises VMTimeout (qemu killed) after ``timeout`` seconds, VMError if the guest panicked
         or powered off without reporting a status. Both messages end with the console's tail.
@@ -561,7 +565,7 @@ class Harness:
         """
         failed_boots: list[str] = []
         while True:
-            result = self._boot(command, timeout, memory_mb, scratch_mb, env)
+            result = self._boot(command, timeout, memory_mb, scratch_mb, env, save_console)
             panic = [line for line in result.console.splitlines() if _PANIC_MARKER in line]
             if not panic:
                 break
@@ -597,6 +601,7 @@ class Harness:
         memory_mb: int,
         scratch_mb: int,
         env: Mapping[str, str] | None,
+        save_console: Path | None = None,
     ) -> _Boot:
         """One VM from start to power-off; VMTimeout if it outlives ``timeout``."""
         keep = [
@@ -628,6 +633,9 @@ class Harness:
                     if qemu.poll() is None:  # timed out, hung at power-off, or ^C
                         qemu.kill()
                         qemu.wait()
+                    if save_console is not None:
+                        with save_console.open("ab") as saved:
+                            saved.write(console_path.read_bytes())
             if not finished:
                 output = _read_optional(share / "output")
                 raise VMTimeout(
@@ -738,6 +746,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "-e", "--env", action="append", default=[], type=_env_pair, metavar="NAME=VALUE"
     )
     run.add_argument("--console", action="store_true", help="print the console log to stderr")
+    run.add_argument(
+        "--save-console", type=Path, metavar="FILE", help="append every boot's console to FILE"
+    )
     run.add_argument("command", nargs="+", help="shell command (words are joined by spaces)")
     args = parser.parse_args(argv)
     try:
@@ -752,6 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             memory_mb=args.memory_mb,
             scratch_mb=args.scratch_mb,
             env=dict(args.env),
+            save_console=args.save_console,
         )
     except VMError as error:
         print(f"vm harness: {error}", file=sys.stderr)

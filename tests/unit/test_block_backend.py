@@ -1,0 +1,108 @@
+"""Slots on a block device (``create --backend /dev/...``), here a loop device over a sparse file:
+I/O is O_DIRECT, data survives reopening, a full device is ENOSPC with nothing lost, and freed
+slots are discarded (the loop driver punches its file)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dedupblk.store import BackendMismatch, StoreFull, check_store, create_store, open_store
+from dedupblk.store.store import read_statistics
+from tests.conftest import SMALL, allocated_bytes, rand_page
+
+P = 4096
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A loop device over a sparse 41-page file: the backend header and 40 slots."""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root with losetup: the block backend must be tested")
+        pytest.skip("needs root and losetup for a loop device")
+    image = tmp_path / "device.img"
+    with image.open("wb") as f:
+        f.truncate(41 * P)
+    done = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"losetup: {done.stderr}")
+        pytest.skip(f"no loop device here: {done.stderr.strip()}")
+    device = done.stdout.strip()
+    try:
+        yield device, image
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=True)
+
+
+def test_pages_on_a_block_device_survive_reopening(
+    tmp_path: Path, loop_device: tuple[str, Path]
+) -> None:
+    device, _ = loop_device
+    path = str(tmp_path / "s")
+    create_store(path, SMALL, backend=device)
+    pages = [rand_page(n % 12) for n in range(24)]  # 12 unique pages, each twice
+    with open_store(path) as store:
+        assert store._backend.is_block and store._backend.direct
+        store.write(0, b"".join(pages))
+        store.flush()
+        assert store.statistics().stored_pages == 12
+    with open_store(path) as store:
+        assert [store.read(n * P, P) for n in range(24)] == pages
+    assert check_store(path).problems == []
+
+
+def test_a_full_block_device_is_enospc_and_keeps_what_it_holds(
+    tmp_path: Path, loop_device: tuple[str, Path]
+) -> None:
+    device, _ = loop_device
+    path = str(tmp_path / "s")
+    create_store(path, SMALL, backend=device)
+    with open_store(path) as store:
+        for n in range(40):
+            store.write(n * P, rand_page(100 + n))
+        with pytest.raises(StoreFull) as info:
+            store.write(40 * P, rand_page(140))
+        assert info.value.errno == errno.ENOSPC
+        store.write(41 * P, rand_page(100))  # a duplicate still fits
+        assert [store.read(n * P, P) for n in range(40)] == [rand_page(100 + n) for n in range(40)]
+    assert check_store(path).problems == []
+
+
+def test_freed_slots_are_discarded_on_the_device(
+    tmp_path: Path, loop_device: tuple[str, Path]
+) -> None:
+    device, image = loop_device
+    path = str(tmp_path / "s")
+    create_store(path, SMALL, backend=device)
+    with open_store(path) as store:
+        store.write(0, b"".join(rand_page(200 + n) for n in range(32)))
+        store.flush()
+        full = allocated_bytes(str(image))
+        store.trim(0, 32 * P)
+        store.flush()
+    assert read_statistics(path)[1].stored_pages == 0
+    assert allocated_bytes(str(image)) <= full - 28 * P
+
+
+def test_a_block_device_holding_another_store_is_refused(
+    tmp_path: Path, loop_device: tuple[str, Path]
+) -> None:
+    device, _ = loop_device
+    create_store(str(tmp_path / "one"), SMALL, backend=device)
+    with open_store(str(tmp_path / "one")) as store:
+        store.write(0, rand_page(7))
+    with pytest.raises(BackendMismatch, match="already holds the slots of a dedupblk store"):
+        create_store(str(tmp_path / "two"), SMALL, backend=device)
+    assert not (tmp_path / "two").exists()
+    with open_store(str(tmp_path / "one")) as store:  # still the first store's, intact
+        assert store.read(0, P) == rand_page(7)
