@@ -1,7 +1,8 @@
 """ublk benchmark: the same fio jobs against dedupblk's /dev/ublkbN and the kernel's /dev/zram0.
 
     .venv/bin/python bench/ublk_bench.py [--rounds 2] [--runtime 10] [--size 128M]
-        [--jobs rand-write-dup50,rand-read,dedup-90] [--profile] [--json results.json]
+        [--jobs rand-write-dup50,rand-read,dedup-90] [--devices ublk,zram[,ublk-zram]]
+        [--profile] [--json results.json]
 
 One guest boot (tests/vm/harness.py: Debian's 6.12 kernel under qemu TCG, 2 CPUs) runs
 bench/ublk_guest.py, which for every round and job serves a fresh store (on the guest's ext4
@@ -9,7 +10,9 @@ bench/ublk_guest.py, which for every round and job serves a fresh store (on the 
 running the job file's block-device command line against each in turn (ublk, zram, ublk, zram...).
 TCG makes absolute numbers meaningless; the ratio ublk/zram, measured in the same guest, is the
 figure.  The table shows the median of the rounds.  ``--profile`` adds one cProfiled ublk run of
-the first job (queue threads only) and prints its top functions.
+the first job (queue threads only) and prints its top functions.  ``--devices
+ublk,zram,ublk-zram`` adds dedupblk with its slots on a second zram device (metadata still on
+/scratch), reported against zram like ublk.
 """
 
 from __future__ import annotations
@@ -32,12 +35,12 @@ RESULT_PREFIX = "RESULT "
 
 def print_table(results: list[dict[str, float | str]]) -> None:
     jobs = list(dict.fromkeys(str(r["job"]) for r in results))
-    head = f"{'job':<18} {'device':<6} {'IOPS':>9} {'MiB/s':>8} {'p99 us':>9}"
+    head = f"{'job':<18} {'device':<15} {'IOPS':>9} {'MiB/s':>8} {'p99 us':>9}"
     print(head)
     print("-" * len(head))
     for job in jobs:
         medians: dict[str, dict[str, float]] = {}
-        for device in ("ublk", "zram"):
+        for device in ("ublk", "ublk-zram", "zram"):
             runs = [r for r in results if r["job"] == job and r["device"] == device]
             if not runs:
                 continue
@@ -46,14 +49,17 @@ def print_table(results: list[dict[str, float | str]]) -> None:
                 for key in ("iops", "mib_s", "p99_us")
             }
             m = medians[device]
-            print(f"{job:<18} {device:<6} {m['iops']:9.0f} {m['mib_s']:8.1f} {m['p99_us']:9.0f}")
-        if len(medians) == 2:
-            u, z = medians["ublk"], medians["zram"]
+            print(f"{job:<18} {device:<15} {m['iops']:9.0f} {m['mib_s']:8.1f} {m['p99_us']:9.0f}")
+        z = medians.get("zram")
+        for device in ("ublk", "ublk-zram"):
+            u = medians.get(device)
+            if u is None or z is None:
+                continue
             print(
-                f"{job:<18} {'ratio':<6} {u['iops'] / z['iops']:9.2f} "
+                f"{job:<18} {device + '/zram':<15} {u['iops'] / z['iops']:9.2f} "
                 f"{u['mib_s'] / z['mib_s']:8.2f} {u['p99_us'] / z['p99_us']:9.2f}"
             )
-    print("(median of rounds; ratio = ublk / zram: higher is better for IOPS and MiB/s, "
+    print("(median of rounds; ratio = dedupblk / zram: higher is better for IOPS and MiB/s, "
           "lower for p99)")  # fmt: skip
 
 
@@ -63,6 +69,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runtime", type=int, default=10, help="seconds per timed job")
     parser.add_argument("--size", default="128M", help="device size and fio SIZE")
     parser.add_argument("--jobs", default="rand-write-dup50,rand-read,dedup-90")
+    parser.add_argument("--devices", default="ublk,zram", help="of ublk, zram, ublk-zram")
     parser.add_argument("--profile", action="store_true", help="add a cProfiled ublk run")
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--timeout", type=float, default=1800, help="VM timeout, seconds")
@@ -71,7 +78,8 @@ def main(argv: list[str]) -> int:
         parser.error(f"{PYTHON} is missing: run `make setup` first")
     command = (
         f"{PYTHON} {GUEST} --rounds {args.rounds} --runtime {args.runtime} --size {args.size} "
-        f"--jobs {args.jobs}" + (" --profile /tmp/ublk-profile" if args.profile else "")
+        f"--jobs {args.jobs} --devices {args.devices}"
+        + (" --profile /tmp/ublk-profile" if args.profile else "")
     )
     harness = Harness.prepare()
     result = harness.run(command, timeout=args.timeout, memory_mb=2048, scratch_mb=1024)

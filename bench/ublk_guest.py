@@ -3,13 +3,15 @@
 Runs inside the VM with the project's venv python (bench/ublk_bench.py boots the guest)::
 
     python bench/ublk_guest.py --rounds 2 --size 128M --runtime 10 \
-        --jobs rand-write-dup50,rand-read,dedup-90 [--profile DIR]
+        --jobs rand-write-dup50,rand-read,dedup-90 [--devices ublk,zram,ublk-zram] [--profile DIR]
 
 For every round, for every job: a fresh store of SIZE on the guest's ext4 /scratch served with
 ``dedupblk serve --frontend ublk``, then a fresh /dev/zram0 of the same size (reset, disksize),
 each running the job file's own command line
 (``SIZE=... RUNTIME=... fio --ioengine=io_uring --direct=1 --filename=DEV FILE``).  Devices
-alternate (ublk, zram, ublk, zram...) so drift in the guest spreads over both.  Every measurement
+alternate (ublk, zram, ublk, zram...) so drift in the guest spreads over both.  ``ublk-zram`` is
+dedupblk with its slots on a second zram device (``create --backend /dev/zramN``, the README's
+"compressed too" placement) and its metadata on /scratch as before.  Every measurement
 is printed as one ``RESULT {json}`` line for the host to collect.
 
 With ``--profile DIR``, one more ublk run of the first job follows the measured rounds with
@@ -20,6 +22,7 @@ top functions are printed.  Its numbers are not part of the results (cProfile sl
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pstats
@@ -54,11 +57,13 @@ def cli(*args: str) -> str:
 class UblkServer:
     """A fresh store on /scratch served over ublk (stopped and deleted by `stop`)."""
 
-    def __init__(self, size: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, size: str, env: dict[str, str] | None = None, backend: str | None = None
+    ) -> None:
         self.store = SCRATCH / "bench-store"
         if self.store.exists():
             shutil.rmtree(self.store)
-        cli("create", str(self.store), "--size", size)
+        cli("create", str(self.store), "--size", size, *(["--backend", backend] if backend else []))
         self.log = WORK / "server.log"
         with self.log.open("w") as err:
             self.proc = subprocess.Popen(
@@ -81,10 +86,23 @@ class UblkServer:
         shutil.rmtree(self.store)
 
 
-def zram_reset(size_bytes: int) -> str:
-    (ZRAM / "reset").write_text("1\n")
-    (ZRAM / "disksize").write_text(f"{size_bytes}\n")
-    return "/dev/zram0"
+def zram_reset(size_bytes: int, zram: Path = ZRAM) -> str:
+    (zram / "reset").write_text("1\n")
+    (zram / "disksize").write_text(f"{size_bytes}\n")
+    return f"/dev/{zram.name}"
+
+
+@functools.cache
+def backend_zram_dir() -> Path:
+    """A second zram device (hot-added once), for dedupblk's slots."""
+    number = Path("/sys/class/zram-control/hot_add").read_text().strip()
+    return Path(f"/sys/block/zram{number}")
+
+
+def backend_zram(size_bytes: int) -> str:
+    """The slots' zram reset to the device's size plus a quarter (the headroom a file backend
+    gets by default, for overwrites waiting on a commit) and the header slot."""
+    return zram_reset(size_bytes + size_bytes // 4 + 4096, backend_zram_dir())
 
 
 def parse_size(size: str) -> int:
@@ -110,6 +128,9 @@ def one_run(device: str, job: str, args: argparse.Namespace, round_: int) -> Non
     if device == "ublk":
         server = UblkServer(args.size)
         dev = server.path
+    elif device == "ublk-zram":
+        server = UblkServer(args.size, backend=backend_zram(parse_size(args.size)))
+        dev = server.path
     else:
         dev = zram_reset(parse_size(args.size))
     try:
@@ -117,6 +138,8 @@ def one_run(device: str, job: str, args: argparse.Namespace, round_: int) -> Non
     finally:
         if server is not None:
             server.stop()
+            if device == "ublk-zram":
+                (backend_zram_dir() / "reset").write_text("1\n")
         else:
             (ZRAM / "reset").write_text("1\n")
     for report in reports:
@@ -154,13 +177,18 @@ def main() -> None:
     parser.add_argument("--runtime", type=int, default=10)
     parser.add_argument("--size", default="128M")
     parser.add_argument("--jobs", default="rand-write-dup50,rand-read,dedup-90")
+    parser.add_argument("--devices", default="ublk,zram", help="of ublk, zram, ublk-zram")
     parser.add_argument("--profile", help="directory for a profiled extra ublk run's dumps")
     args = parser.parse_args()
     jobs = [j for j in args.jobs.split(",") if j]
+    devices = [d for d in args.devices.split(",") if d]
+    unknown = set(devices) - {"ublk", "zram", "ublk-zram"}
+    if unknown:
+        parser.error(f"unknown devices {sorted(unknown)}")
     print(f"guest kernel {os.uname().release}, {os.cpu_count()} CPUs", flush=True)
     for round_ in range(args.rounds):
         for job in jobs:
-            for device in ("ublk", "zram"):
+            for device in devices:
                 one_run(device, job, args, round_)
     if args.profile:
         profile_run(jobs[0], args)

@@ -1071,6 +1071,7 @@ class _Server:
                 return 1
 
     def _swap_on(self, path: str) -> None:
+        _disable_writeback_throttling(path)
         _run_tool(["mkswap", path])
         command = ["swapon"]
         if self.swap_priority is not None:
@@ -1210,6 +1211,27 @@ def _sync_block_device(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _disable_writeback_throttling(path: str) -> None:
+    """Turn the block layer's writeback throttling (blk-wbt) off for a swap device.
+
+    wbt shrinks the number of buffered writes in flight whenever completions take longer than its
+    target (2 ms on a non-rotational queue), down to one. A userspace server's latency is above
+    that target, so under memory pressure reclaim's swap-outs (buffered writes, throttled; kswapd
+    included) would go to the device one at a time while everything waits for memory. zram, a
+    bio-based driver, has no wbt at all.
+    """
+    knob = f"/sys/block/{os.path.basename(path)}/queue/wbt_lat_usec"
+    try:
+        with open(knob, "w") as f:
+            f.write("0\n")
+    except FileNotFoundError:
+        return  # a kernel built without CONFIG_BLK_WBT
+    except OSError as exc:
+        log.warning("cannot turn writeback throttling off on %s (%s)", path, exc.strerror)
+        return
+    log.info("writeback throttling off on %s", path)
 
 
 def _is_active_swap(path: str) -> bool:

@@ -29,7 +29,7 @@ BLOCK_CHECKS = [
 ]
 SWAP_CHECKS = [
     "a swap store on tmpfs is refused",
-    "serve --swap enables swap with the priority asked",
+    "serve --swap enables swap with the priority asked, wbt off",
     "a memory hog swaps to the device and gets every byte back",
     "dedup of swapped pages",
     "swap discards reach the store once the hog is gone",

@@ -371,6 +371,37 @@ def blocked_tasks(server_pid: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def server_threads(server_pid: int) -> str:
+    """``comm:state:wchan`` of every thread of the server, on one line."""
+    found = []
+    for task in sorted(Path(f"/proc/{server_pid}/task").glob("[0-9]*")):
+        try:
+            comm = (task / "comm").read_text().strip()
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            wchan = (task / "wchan").read_text().strip() or "-"
+        except OSError:
+            continue
+        found.append(f"{comm}:{state}:{wchan}")
+    return " ".join(found)
+
+
+def heartbeat(server_pid: int, started: float) -> None:
+    """One line of swap progress in the kernel log (the console: no filesystem on the way, so
+    it still gets out of a guest whose other I/O hangs)."""
+    counters = " ".join(f"{name} {vmstat_or_zero(name)}" for name in HEARTBEAT_COUNTERS)
+    free = meminfo("MemFree") >> 10
+    line = (
+        f"swap-watch {time.monotonic() - started:.0f}s: {counters} MemFree {free} KiB; "
+        f"server {server_threads(server_pid)}"
+    )
+    with contextlib.suppress(OSError), open("/dev/kmsg", "w") as kmsg:
+        kmsg.write(line[:900] + "\n")
+
+
+HEARTBEAT_COUNTERS = ("pswpin", "pswpout", "pgmajfault", "allocstall_normal", "oom_kill")
+HEARTBEAT_SECONDS = 20
+
+
 def run_watching_swap(
     argv: list[str], server: Server, while_holding: Callable[[], None]
 ) -> tuple[int, str]:
@@ -382,8 +413,12 @@ def run_watching_swap(
                                cwd=WORK)  # fmt: skip
         assert hog.stdin is not None
         moved, last_move = -1, time.monotonic()
+        started = beat = time.monotonic()
         while hog.poll() is None:
             time.sleep(1)
+            if time.monotonic() - beat >= HEARTBEAT_SECONDS:
+                heartbeat(server.pid, started)
+                beat = time.monotonic()
             if HOG_HOLDING in (WORK / "hog.out").read_text():
                 while_holding()
                 hog.stdin.close()
@@ -481,12 +516,15 @@ def swap_checks(*, whole_machine: bool, safe_placement: bool) -> None:
             "--preallocate")  # fmt: skip
     else:
         cli("create", store, "--size", SWAP_STORE_SIZE)
-    with check("serve --swap enables swap with the priority asked"):
+    with check("serve --swap enables swap with the priority asked, wbt off"):
         server = Server(store, "--swap", "--swap-priority", "10", "--swap-discard")
         entry = swap_entry(server.path)
         require(entry is not None, f"{server.path} not in /proc/swaps")
         assert entry is not None
         require(entry[4] == "10", f"priority {entry[4]}")
+        # blk-wbt would cut reclaim's swap-outs to one in flight (see _disable_writeback_throttling)
+        wbt = Path(f"/sys/block/{Path(server.path).name}/queue/wbt_lat_usec")
+        require(wbt.read_text().strip() == "0", f"wbt_lat_usec {wbt.read_text().strip()}")
 
     with check("a memory hog swaps to the device and gets every byte back"):
         if whole_machine:
