@@ -74,6 +74,8 @@ def main(verbose: bool) -> None:
               help="Write the store's files in full now, never punch them (for swap).")
 @click.option("--meta-size", type=SIZE,
               help="With --preallocate: size of the metadata file (default 256 bytes a page).")
+@click.option("--reuse-backend", is_flag=True,
+              help="Take over a backend that holds another store's slots (they are lost).")
 def create(
     store: str,
     size: int,
@@ -83,6 +85,7 @@ def create(
     max_share: int,
     preallocate: bool,
     meta_size: int | None,
+    reuse_backend: bool,
 ) -> None:
     """Create an empty store of SIZE bytes in the new or empty directory STORE.
 
@@ -97,6 +100,7 @@ def create(
         max_share=max_share,
         preallocate=preallocate,
         meta_size=meta_size,
+        reuse_backend=reuse_backend,
     )
     click.echo(f"created {store}: {size} bytes" + (", preallocated" if preallocate else ""))
 

@@ -113,7 +113,6 @@ from dedupblk.frontends.io_uring import (
     Mapping,
 )
 from dedupblk.store import PAGE_SIZE, InvalidRequest, Store, StoreError, open_store
-from dedupblk.store.meta import Meta
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +151,7 @@ MALLOC_TOP_PAD_BYTES: Final = 16 << 20
 MCL_CURRENT: Final = 1
 MCL_FUTURE: Final = 2
 TMPFS_MAGIC: Final = 0x01021994
+RAMFS_MAGIC: Final = 0x858458F6
 # Set to a directory to profile every queue thread's serving loop (cProfile, one dump per queue).
 PROFILE_ENV: Final = "DEDUPBLK_UBLK_PROFILE"
 
@@ -447,33 +447,15 @@ def check_placement(store: Store, *, swap: bool, serving_dev_id: int | None) -> 
     - Never on the ublk device being served (``--recover N`` of the device the store is on).
     - With swap: never on tmpfs (its pages can be swapped out to this device) and never on any
       ublk device (a stacked server could itself be waiting for this one).
-    - With swap, a warning (not a refusal) for a store not created ``--preallocate`` or on a
-      filesystem not mounted ``lazytime``: see "Known limit" in the module docstring.
+    - With swap, warnings (not refusals) for a placement that can stall under memory pressure:
+      see "Swap placement" in the module docstring.
     """
-    if swap:
-        meta = Meta.opened(store.path)
-        if meta is not None and not meta.preallocated:
-            log.warning("%s was not created with --preallocate: under memory pressure its "
-                        "file system can deadlock this swap device", store.path)  # fmt: skip
-        # The mount holding the store: the longest mount point above it (mountinfo field 5;
-        # options in field 6, super options after the " - " separator).
-        real, best, options = os.path.realpath(store.path), "", ""
-        with open("/proc/self/mountinfo") as mounts:
-            for line in mounts:
-                fields = line.split()
-                point = fields[4].replace("\\040", " ")
-                under = real == point or real.startswith(point.rstrip("/") + "/")
-                if under and len(point) >= len(best):
-                    best, options = point, f"{fields[5]},{line.split(' - ', 1)[-1]}"
-        if "lazytime" not in options:
-            log.warning("%s is not mounted lazytime: every timestamp update of the store's files "
-                        "goes through its journal", best or "the store's filesystem")  # fmt: skip
     for path in sorted({store.path, store.backend_path}):
         is_device = stat.S_ISBLK(os.stat(path).st_mode)
         if swap and not is_device and filesystem_type(path) == TMPFS_MAGIC:
             raise InvalidRequest(
                 f"{path} is on tmpfs, which can be swapped out to the swap device it backs: "
-                "put a swap store on a disk filesystem"
+                "put a swap store's directory on ramfs and its slots on a disk or a block device"
             )
         disks = ublk_disks_under(path)
         if serving_dev_id is not None and f"ublkb{serving_dev_id}" in disks:
@@ -483,6 +465,43 @@ def check_placement(store: Store, *, swap: bool, serving_dev_id: int | None) -> 
                 f"{path} lives on ublk device(s) {', '.join(sorted(disks))}: a swap store must "
                 "not depend on another userspace server"
             )
+    if swap:
+        _warn_swap_placement(store)
+
+
+def _warn_swap_placement(store: Store) -> None:
+    """Log what in a swap store's placement can wait on memory (see "Swap placement")."""
+    if filesystem_type(store.path) != RAMFS_MAGIC:
+        log.warning(
+            "%s (the store's metadata) is not on ramfs: under memory pressure, writing back its "
+            "dirty pages can stall this swap device (see README, \"Running as swap\")", store.path
+        )
+        if not _mounted_with(store.path, "lazytime"):
+            log.warning("%s is not mounted lazytime: every timestamp update of the store's "
+                        "metadata goes through its journal", store.path)  # fmt: skip
+    if not stat.S_ISBLK(os.stat(store.backend_path).st_mode):
+        if not store.backend_preallocated:
+            log.warning("%s (the slots) was not created with --preallocate: a slot write "
+                        "can need a new file block under memory pressure",
+                        store.backend_path)  # fmt: skip
+        if not _mounted_with(store.backend_path, "lazytime"):
+            log.warning("%s is not mounted lazytime: a slot write's timestamp update goes "
+                        "through its journal", store.backend_path)  # fmt: skip
+
+
+def _mounted_with(path: str, option: str) -> bool:
+    """Whether the mount holding ``path`` (the longest mount point above it) has ``option``
+    among its mount or super options (mountinfo fields 6 and after the " - " separator)."""
+    real, best, options = os.path.realpath(path), "", ""
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:
+            line = line.rstrip("\n")  # noqa: PLW2901
+            fields = line.split()
+            point = fields[4].replace("\\040", " ")
+            under = real == point or real.startswith(point.rstrip("/") + "/")
+            if under and len(point) >= len(best):
+                best, options = point, f"{fields[5]},{line.split(' - ', 1)[-1]}"
+    return option in options.replace(" ", ",").split(",")
 
 
 def io_buffer_bytes(depth: int) -> int:

@@ -95,7 +95,13 @@ class Backend:
 
     @classmethod
     def create(
-        cls, path: str, capacity_bytes: int | None, uuid: bytes, *, preallocate: bool = False
+        cls,
+        path: str,
+        capacity_bytes: int | None,
+        uuid: bytes,
+        *,
+        preallocate: bool = False,
+        reuse: bool = False,
     ) -> Backend:
         """Create (regular file) or adopt (block device, existing file) a backend; write the header.
 
@@ -103,6 +109,7 @@ class Backend:
         ``preallocate`` a file backend is then written in full with zeros (every hole filled)
         and synced, so that no later slot write allocates a block; the header says so, and the
         file is never punched. A block device needs no preallocation and keeps its discards.
+        A backend whose header names a store is refused unless ``reuse``.
         """
         if not os.path.exists(path):
             if capacity_bytes is None:
@@ -114,7 +121,8 @@ class Backend:
                 os.close(fd)
         backend = cls(path, readonly=False)
         try:
-            backend._refuse_another_store()
+            if not reuse:
+                backend._refuse_another_store()
         except BaseException:
             backend.close()
             raise
@@ -134,9 +142,8 @@ class Backend:
         raw = os.pread(self.fd, BACKEND_HEADER.size, HEADER_SLOT * PAGE_SIZE)
         if len(raw) == BACKEND_HEADER.size and raw.startswith(BACKEND_MAGIC):
             raise BackendMismatch(
-                f"backend {self.path} already holds the slots of a dedupblk store; to reuse it, "
-                f"delete that store or clear the backend's first 4 KiB (for example with "
-                f"dd if=/dev/zero of={self.path} bs=4096 count=1 conv=notrunc)"
+                f"backend {self.path} already holds the slots of a dedupblk store: "
+                f"give --reuse-backend to abandon them for a new store"
             )
 
     def capacity_slots(self) -> int:

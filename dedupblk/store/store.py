@@ -128,6 +128,7 @@ def create_store(
     max_share: int = DEFAULT_MAX_SHARE,
     preallocate: bool = False,
     meta_size: int | None = None,
+    reuse_backend: bool = False,
 ) -> None:
     """Create an empty store of ``size`` bytes at ``path`` (a new or empty directory).
 
@@ -140,6 +141,10 @@ def create_store(
     the store's files with zeros before returning: the data file in full (a block device
     backend needs nothing) and LMDB's ``data.mdb`` up to ``meta_size`` bytes (default
     `default_meta_size`), so that serving allocates no file block while the metadata fits.
+
+    A backend that already holds a store's slots (its header says so) is refused, unless
+    ``reuse_backend``: then its old contents are abandoned (every slot is free in the new store)
+    and a preallocated file is adopted as it is, without writing it again.
     """
     store_dir = os.fspath(path)
     if size <= 0 or size % PAGE_SIZE:
@@ -180,7 +185,9 @@ def create_store(
             # The data file is sparse, so headroom costs nothing: it lets overwrites take new slots
             # while the old ones wait (deferred) for a flush, instead of forcing one.
             capacity = PAGE_SIZE + size + (size // 4) // PAGE_SIZE * PAGE_SIZE
-        slots = Backend.create(data_path, capacity, store_uuid, preallocate=preallocate)
+        slots = Backend.create(
+            data_path, capacity, store_uuid, preallocate=preallocate, reuse=reuse_backend
+        )
         try:
             slot_capacity = slots.capacity_slots()
             slots.sync()
@@ -412,6 +419,11 @@ class Store:
         committer = self._committer
         if committer is not None and committer is not threading.current_thread():
             committer.join()
+
+    @property
+    def backend_preallocated(self) -> bool:
+        """Whether the slots are a file written in full at create and never punched."""
+        return not self._backend.is_block and not self._backend.punches
 
     def __enter__(self) -> Store:
         return self

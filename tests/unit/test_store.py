@@ -308,6 +308,29 @@ def test_create_refuses_a_backend_file_of_another_store(tmp_path: Path) -> None:
         assert store.read(0, P) == rand_page(5)
 
 
+def test_reuse_backend_takes_over_a_preallocated_file(tmp_path: Path) -> None:
+    one, two, slots = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "b")
+    create_store(one, SMALL, backend=slots, backend_size=SMALL, preallocate=True)
+    with open_store(one) as store:
+        store.write(0, rand_page(5))
+        store.flush()
+    before = os.stat(slots)
+    result = CliRunner().invoke(
+        main, ["create", two, "--size", "1M", "--backend", slots, "--reuse-backend",
+               "--preallocate"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    after = os.stat(slots)
+    assert (after.st_size, after.st_blocks) == (before.st_size, before.st_blocks)
+    with open_store(two) as store:
+        assert store.read(0, P) == bytes(P)  # the old store's pages are gone
+        store.write(P, rand_page(6))
+        assert store._backend.direct  # still a preallocated file
+    assert check_store(two).problems == []
+    with pytest.raises(BackendMismatch, match="another store"):
+        open_store(one)
+
+
 def test_map_grows_instead_of_failing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(meta_module, "INITIAL_MAP_SIZE", 64 << 10)
     path = str(tmp_path / "s")

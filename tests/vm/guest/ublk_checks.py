@@ -4,23 +4,25 @@ Runs inside the VM with the project's venv python (``python tests/vm/guest/ublk_
 
 - ``block``: fio verify across a server restart, ext4 with fsck and checksums, blkdiscard, crash
   and ``--recover``, ``devices --cleanup``.
-- ``swap``: the tmpfs refusal, then real swap on the device with the whole guest out of memory:
-  the store is created ``--preallocate`` on /scratch remounted ``lazytime`` (the placement the
-  README calls swap-safe), and a memory hog with no cgroup allocates 1.5 times the guest's
-  MemAvailable in pages that are zero, same-filled, duplicated or unique, verifies every byte,
-  and the store's statistics show the dedup.
-  Not run by the tests: on 2026-11-27 it passed 7 runs of 9 and hung in two (see "Known limit"
-  in dedupblk/frontends/ublk.py):
-  ``python -m tests.vm.harness run --memory-mb 768 --scratch-mb 1024 -- '.venv/bin/python
-  tests/vm/guest/ublk_checks.py swap'``.
-- ``swap-cgroup`` (tests/vm/test_ublk.py::test_swap): the same with the hog confined to a memory
-  cgroup (1.5 times its limit), so that only the hog is short of memory.
+- ``swap``: the tmpfs refusal, then real swap on the device with the whole guest out of memory,
+  in the README's swap placement: the store's directory (its LMDB metadata) on a ramfs mounted
+  at /run/dedupblk, its slots in a file created ``--preallocate`` on /scratch remounted
+  ``lazytime``.  A memory hog with no cgroup allocates 1.5 times the guest's MemAvailable in
+  pages that are zero, same-filled, duplicated or unique, verifies every byte, and the store's
+  statistics show the dedup.
+- ``swap-cgroup``: the same with the hog confined to a memory cgroup (1.5 times its limit), so
+  that only the hog is short of memory.
+- ``swap-disk-meta``: the whole-machine hog with the whole store (metadata too) preallocated on
+  /scratch remounted ``lazytime``: the placement before ramfs, kept to compare (see "Swap
+  placement" in dedupblk/frontends/ublk.py).
 - ``swap-unsafe``: the whole-machine hog with a plain store (sparse files, holes punched) on
-  /scratch mounted without ``lazytime``.  Not run by the tests: it reproduces the deadlock the
-  "Swap safety" section of dedupblk/frontends/ublk.py describes (``python -m tests.vm.harness
-  run --memory-mb 768 --scratch-mb 1024 -- '.venv/bin/python tests/vm/guest/ublk_checks.py
-  swap-unsafe'``).
+  /scratch mounted without ``lazytime``; kept to reproduce the deadlock that section describes.
 - ``allocate BYTES [CGROUP]``: the memory hog itself (run as a child by the swap groups).
+
+Run a swap group by hand with ``python -m tests.vm.harness run --memory-mb 768 --scratch-mb 1024
+[--save-console FILE] -- '.venv/bin/python tests/vm/guest/ublk_checks.py GROUP'``; while the hog
+runs, a ``swap-watch`` line in the kernel log (the console) every 20 s shows swap progress and
+the server threads' states.
 
 Every check prints ``ok: NAME`` when it passed; the first failure prints ``FAIL: NAME: why`` and
 exits 1, so the host test sees which one broke.  No check depends on timing.
@@ -498,7 +500,7 @@ def stay_watchable() -> None:
         Path("/proc/sys/kernel/hung_task_all_cpu_backtrace").write_text("1\n")
 
 
-def swap_checks(*, whole_machine: bool, safe_placement: bool) -> None:
+def swap_checks(*, whole_machine: bool, placement: str) -> None:
     stay_watchable()
 
     with check("a swap store on tmpfs is refused"):
@@ -509,8 +511,17 @@ def swap_checks(*, whole_machine: bool, safe_placement: bool) -> None:
         require(devices() == [], f"a refused serve left devices: {devices()}")
 
     store = "/scratch/swap-store"
-    if safe_placement:
-        # What the README asks of a swap store's filesystem: timestamps not journalled.
+    files = ["slots", "meta/data.mdb", "meta/lock.mdb"]  # the preallocated ones, under the store
+    if placement == "ramfs":
+        # The README's swap placement: metadata on ramfs (no writeback, never swapped), slots in
+        # a preallocated file on a disk mounted lazytime (timestamps not journalled).
+        run("mount", "-o", "remount,lazytime", "/scratch")
+        Path("/run/dedupblk").mkdir()
+        run("mount", "-t", "ramfs", "-o", "mode=700", "ramfs", "/run/dedupblk")
+        store, files = "/run/dedupblk/swap", ["/scratch/swap.slots"]
+        cli("create", store, "--size", SWAP_STORE_SIZE, "--backend", files[0],
+            "--backend-size", SWAP_BACKEND_SIZE, "--preallocate")  # fmt: skip
+    elif placement == "disk":
         run("mount", "-o", "remount,lazytime", "/scratch")
         cli("create", store, "--size", SWAP_STORE_SIZE, "--backend-size", SWAP_BACKEND_SIZE,
             "--preallocate")  # fmt: skip
@@ -596,13 +607,17 @@ def swap_checks(*, whole_machine: bool, safe_placement: bool) -> None:
         require(devices() == [], f"devices left: {devices()}")
         cli("check", store)
 
-    if safe_placement:
+    if placement != "unsafe":
         with check("the preallocated store was never punched nor extended"):
-            for name in ("slots", "meta/data.mdb", "meta/lock.mdb"):
+            for name in files:
                 path = Path(store, name)
                 size, allocated = path.stat().st_size, path.stat().st_blocks * 512
                 require(allocated >= size, f"{name}: {allocated} bytes allocated of {size}")
                 print(f"{name}: {size} bytes, all allocated")
+            if placement == "ramfs":
+                advice = [w for w in ("not on ramfs", "lazytime", "--preallocate")
+                          if w in server.errors()]  # fmt: skip
+                require(not advice, f"placement warnings: {server.errors()}")
             grown = "outgrew its preallocated" in server.errors()
             require(not grown, f"the metadata outgrew its preallocation: {server.errors()}")
 
@@ -614,11 +629,13 @@ def main() -> None:
     elif group == "block":
         block_checks()
     elif group == "swap":
-        swap_checks(whole_machine=True, safe_placement=True)
+        swap_checks(whole_machine=True, placement="ramfs")
     elif group == "swap-cgroup":
-        swap_checks(whole_machine=False, safe_placement=True)
+        swap_checks(whole_machine=False, placement="ramfs")
+    elif group == "swap-disk-meta":
+        swap_checks(whole_machine=True, placement="disk")
     elif group == "swap-unsafe":
-        swap_checks(whole_machine=True, safe_placement=False)
+        swap_checks(whole_machine=True, placement="unsafe")
     else:
         sys.exit(f"unknown group {group!r}")
     print(f"all {group} checks passed", flush=True)
