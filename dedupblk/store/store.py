@@ -181,7 +181,7 @@ def create_store(
     try:
         data_path = backend_path or os.path.join(store_dir, DATA_FILE)
         capacity = backend_size
-        if capacity is None and not backend_path:
+        if capacity is None and not (backend_path and os.path.exists(backend_path)):
             # The data file is sparse, so headroom costs nothing: it lets overwrites take new slots
             # while the old ones wait (deferred) for a flush, instead of forcing one.
             capacity = PAGE_SIZE + size + (size // 4) // PAGE_SIZE * PAGE_SIZE

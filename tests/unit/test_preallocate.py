@@ -91,7 +91,8 @@ def test_freed_slots_are_reused_not_punched(prealloc_dir: str) -> None:
         high = store._state.slot_high
         store.trim(0, 64 * P)
         store.flush()
-        store.flush()  # the second flush waits for the release of the first one's slots
+        with store._lock:  # the committer thread releases the freed slots: wait until it has
+            store._wait_for_release()
         assert store.statistics().stored_pages == 0
         assert allocated_bytes(slots) == before
         store.write(0, b"".join(rand_page(100 + i) for i in range(64)))
