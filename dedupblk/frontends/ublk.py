@@ -59,24 +59,34 @@ freed request buffers are reused rather than faulted in again; one buffer per ta
 (which can swap to this very device) or on a ublk device.  A store on the device being served
 is refused in any mode.
 
-Known limit: all of the above keeps *this process* out of reclaim I/O, not the kernel threads of
-the filesystem that holds the store, nor its need for memory.  With the whole machine out of
-memory, ext4's own threads (``jbd2`` committing, ``ext4-rsv-conversion`` converting unwritten
-extents, kswapd) allocate while holding journal or inode locks, their reclaim writes swap pages to
-this device and waits; a store write that needs a journal handle (block allocation, extent
-conversion, a journalled mtime) or ``i_data_sem`` then deadlocks, and so does one that needs a
-fresh page-cache page.  A swap store is therefore created ``--preallocate`` (every file block
-written at create, never punched, slot I/O ``O_DIRECT``, LMDB's map fixed to the preallocated,
-locked metadata; see "Preallocated stores" in `dedupblk.store.format`) on a filesystem mounted
-``lazytime``; `check_placement` warns otherwise.  On 6.12 under TCG that placement, with the
-server's heap kept (``mallopt`` above), passed the whole-machine test (group ``swap`` of
-tests/vm/guest/ublk_checks.py: a hog of 1.5 times MemAvailable, no cgroup) in 7 runs of 9 on
-2026-11-27 and hung in the other two (without MDB_WRITEMAP it hung in 2 runs of 2).  The hangs
-inspected had kswapd, jbd2 and the hog all waiting (``wbt_wait``) on swap writes to this device
-and no server thread in uninterruptible sleep: an allocation on the server's path that finds
-nothing to reclaim without I/O.  A userspace server cannot draw on the kernel's emergency reserves
-(``PF_MEMALLOC``), so this is a limit of the design, not closed here; the tests run the hog in a
-memory cgroup (tests/vm/test_ublk.py::test_swap).
+Swap placement
+--------------
+All of the above keeps *this process* out of reclaim I/O, not the kernel's work on the files
+that hold the store.  With the whole machine out of memory, kswapd and every allocating task
+wait on swap writes to this device, so nothing the server waits for may itself wait for memory:
+
+- Metadata.  LMDB changes its pages in a shared writable map (``MDB_WRITEMAP``); on a disk
+  filesystem those are dirty page-cache pages, and a task that dirties pages past the dirty
+  limit (a fraction of the *reclaimable* memory, which is nearly nothing here) sleeps in
+  ``balance_dirty_pages`` until the flusher writes them back, while the flusher's own
+  allocations wait on reclaim, which waits on this device.  Measured in the guest (group
+  ``swap-disk-meta`` of tests/vm/guest/ublk_checks.py, whole-machine hog): the queue thread
+  spent tens of seconds at a time in ``balance_dirty_pages`` with swap-outs stalled (and
+  without writemap, commits ``pwrite`` into the same page cache: that hung 2 runs of 2).  So a
+  swap store's directory goes on **ramfs**: no writeback at all (the filesystem has none), never
+  swapped out, and it survives a crash of the server (not a reboot, which swap does not
+  survive either).  tmpfs is refused: its pages can be swapped out to this very device.
+- Slots.  A preallocated file (``create --preallocate``: every block written at create, never
+  punched) is read and written ``O_DIRECT``: no page cache, no block allocation, no unwritten
+  extent to convert; on a filesystem mounted ``lazytime`` no timestamp goes through the journal.
+  A block device (a partition, zram) needs nothing more.  `check_placement` warns about
+  anything else.
+- Writeback throttling.  ``--swap`` turns blk-wbt off on the device (see
+  `_disable_writeback_throttling`): with it, kswapd waited in ``wbt_wait`` for swap-outs that
+  wbt let through one at a time.
+
+A userspace server still cannot draw on the kernel's emergency reserves (``PF_MEMALLOC``); the
+placement above removes the waits found so far, and the measured outcome is in the README.
 
 Layouts below were checked against Linux 6.12's include/uapi/linux/ublk_cmd.h; each record is a
 small dataclass with its ``struct`` format beside it.

@@ -76,8 +76,9 @@ class Meta:
                 readahead=False,
                 # A writer changes pages in the shared map (MDB_WRITEMAP) instead of writing
                 # each dirty page with pwrite at commit: about a quarter less CPU per ublk pass,
-                # and the whole-machine swap test hung far less often with it (see "Known limit"
-                # in dedupblk/frontends/ublk.py).  Every block of the map is
+                # and with the metadata on disk the whole-machine swap test hung far less often
+                # with it (see "Swap placement" in dedupblk/frontends/ublk.py).  Every block of
+                # the map is
                 # allocated first (`_reserve`): a write through the map into a hole of a full
                 # filesystem would kill the process with SIGBUS.
                 writemap=not readonly,
