@@ -513,7 +513,9 @@ class Harness:
         kernel = ensure_kernel()
         return cls(kernel=kernel, initramfs=ensure_initramfs(kernel))
 
-    def qemu_argv(self, share: Path, scratch: Path | None, memory_mb: int) -> list[str]:
+    def qemu_argv(
+        self, share: Path, scratch: Path | None, memory_mb: int, debug: Debug | None = None
+    ) -> list[str]:
         argv = [
             QEMU,
             "-accel", "tcg",
@@ -525,12 +527,14 @@ class Harness:
             "-nic", "none",
             "-kernel", str(self.kernel.vmlinuz),
             "-initrd", str(self.initramfs),
-            "-append", "console=ttyS0 quiet panic=-1",
+            "-append", "console=ttyS0 quiet panic=-1" + (" nokaslr" if debug else ""),
             "-virtfs",
             "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
             "-virtfs",
             f"local,path={_qemu_value(share)},mount_tag=vmout,security_model=none,multidevs=remap",
         ]  # fmt: skip
+        if debug is not None:
+            argv += ["-gdb", f"unix:{_qemu_value(debug.gdb_socket)},server=on,wait=off"]
         if scratch is not None:
             argv += [
                 "-drive",
@@ -547,11 +551,14 @@ class Harness:
         scratch_mb: int = 512,
         env: Mapping[str, str] | None = None,
         save_console: Path | None = None,
+        debug: Debug | None = None,
     ) -> VMResult:
         """Boot a VM, run ``command`` with /bin/sh in it, and return its status and output.
 
         ``save_console``: a file that receives the whole serial console of every boot, whatever
         the outcome (a timed-out guest's hung-task reports are longer than an error's tail).
+        ``debug``: boot without KASLR (kernel addresses are the package's System.map) and serve
+        qemu's gdb stub on a Unix socket, to look at a hung guest's CPUs from the host.
 
         Raises VMTimeout (qemu killed) after ``timeout`` seconds, VMError if the guest panicked
         or powered off without reporting a status. Both messages end with the console's tail.
@@ -565,7 +572,7 @@ class Harness:
         """
         failed_boots: list[str] = []
         while True:
-            result = self._boot(command, timeout, memory_mb, scratch_mb, env, save_console)
+            result = self._boot(command, timeout, memory_mb, scratch_mb, env, save_console, debug)
             panic = [line for line in result.console.splitlines() if _PANIC_MARKER in line]
             if not panic:
                 break
@@ -602,6 +609,7 @@ class Harness:
         scratch_mb: int,
         env: Mapping[str, str] | None,
         save_console: Path | None = None,
+        debug: Debug | None = None,
     ) -> _Boot:
         """One VM from start to power-off; VMTimeout if it outlives ``timeout``."""
         keep = [
@@ -622,7 +630,7 @@ class Harness:
             started = time.monotonic()
             with console_path.open("wb") as console_file:
                 qemu = subprocess.Popen(
-                    self.qemu_argv(share, scratch, memory_mb),
+                    self.qemu_argv(share, scratch, memory_mb, debug),
                     stdin=subprocess.DEVNULL,
                     stdout=console_file,
                     stderr=subprocess.STDOUT,
@@ -653,6 +661,13 @@ class Harness:
                 boot_seconds=float(boot.group(1)) if boot else None,
                 qemu_exit=qemu.returncode,
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class Debug:
+    """How to boot a guest for inspection (see `Harness.run`)."""
+
+    gdb_socket: Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -749,6 +764,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument(
         "--save-console", type=Path, metavar="FILE", help="append every boot's console to FILE"
     )
+    run.add_argument(
+        "--gdb", type=Path, metavar="SOCKET", help="no KASLR, qemu's gdb stub on a Unix socket"
+    )
     run.add_argument("command", nargs="+", help="shell command (words are joined by spaces)")
     args = parser.parse_args(argv)
     try:
@@ -764,6 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             scratch_mb=args.scratch_mb,
             env=dict(args.env),
             save_console=args.save_console,
+            debug=Debug(args.gdb) if args.gdb else None,
         )
     except VMError as error:
         print(f"vm harness: {error}", file=sys.stderr)
