@@ -123,17 +123,20 @@ class Backend:
         try:
             if not reuse:
                 backend._refuse_another_store()
+            if not backend.is_block and capacity_bytes is not None:
+                current = device_size(backend.fd)
+                if current < capacity_bytes:
+                    try:
+                        os.ftruncate(backend.fd, capacity_bytes)
+                    except OSError as exc:
+                        raise BackendError(f"cannot size {path}: {exc.strerror}") from exc
+            backend.flags = BACKEND_PREALLOCATED if preallocate else 0
+            backend.write_slot(HEADER_SLOT, _header_page(uuid, backend.flags))
+            if preallocate and not backend.is_block:
+                fill_holes(backend.fd, device_size(backend.fd), backend.path)
         except BaseException:
             backend.close()
             raise
-        if not backend.is_block and capacity_bytes is not None:
-            current = device_size(backend.fd)
-            if current < capacity_bytes:
-                os.ftruncate(backend.fd, capacity_bytes)
-        backend.flags = BACKEND_PREALLOCATED if preallocate else 0
-        backend.write_slot(HEADER_SLOT, _header_page(uuid, backend.flags))
-        if preallocate and not backend.is_block:
-            fill_holes(backend.fd, device_size(backend.fd), backend.path)
         return backend
 
     def _refuse_another_store(self) -> None:
@@ -318,6 +321,12 @@ def fill_holes(fd: int, end: int, what: str) -> None:
             while hole < stop:
                 hole += os.pwrite(fd, zeros[: min(ZERO_CHUNK, stop - hole)], hole)
             offset = stop
+        if os.fstat(fd).st_blocks * 512 < end:
+            # A filesystem that reports no holes yet has fewer blocks than bytes (ramfs: pages
+            # are allocated on first write): write every chunk back as it reads.
+            for offset in range(0, end, ZERO_CHUNK):
+                chunk = os.pread(fd, min(ZERO_CHUNK, end - offset), offset)
+                os.pwrite(fd, chunk, offset)
         os.fdatasync(fd)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -20,6 +20,7 @@ import fcntl
 import itertools
 import logging
 import os
+import stat
 import threading
 import time
 import uuid as uuidlib
@@ -181,9 +182,14 @@ def create_store(
     try:
         data_path = backend_path or os.path.join(store_dir, DATA_FILE)
         capacity = backend_size
-        if capacity is None and not (backend_path and os.path.exists(backend_path)):
+        made_backend = bool(backend_path) and not os.path.exists(backend_path)
+        parent = os.path.realpath(os.path.dirname(backend_path)) if backend_path else ""
+        if made_backend and (parent == "/dev" or parent.startswith("/dev/")):
+            raise BackendMismatch(f"backend {backend_path} does not exist (no file made in /dev)")
+        if capacity is None and not (backend_path and _is_block_device(backend_path)):
             # The data file is sparse, so headroom costs nothing: it lets overwrites take new slots
-            # while the old ones wait (deferred) for a flush, instead of forcing one.
+            # while the old ones wait (deferred) for a flush, instead of forcing one. An existing
+            # file (--reuse-backend) grows to it too; it never shrinks.
             capacity = PAGE_SIZE + size + (size // 4) // PAGE_SIZE * PAGE_SIZE
         slots = Backend.create(
             data_path, capacity, store_uuid, preallocate=preallocate, reuse=reuse_backend
@@ -226,7 +232,7 @@ def create_store(
         with open(os.path.join(store_dir, LOCK_FILE), "w"):
             pass
     except BaseException:
-        _remove_partial(store_dir, made_dir, backend_path)
+        _remove_partial(store_dir, made_dir, backend_path if made_backend else "")
         raise
 
 
@@ -256,7 +262,9 @@ def _preallocate_meta(store_dir: str, meta_bytes: int) -> None:
             os.close(fd)
 
 
-def _remove_partial(store_dir: str, made_dir: bool, backend_path: str) -> None:
+def _remove_partial(store_dir: str, made_dir: bool, made_backend: str) -> None:
+    """Remove what a failed create made: the store's files, its directory if it made it, and
+    ``made_backend`` (a backend file it created; an existing file or device is left as it was)."""
     for name in (DATA_FILE, LOCK_FILE, "meta/data.mdb", "meta/lock.mdb", "meta"):
         target = os.path.join(store_dir, name)
         with contextlib.suppress(OSError):
@@ -264,7 +272,16 @@ def _remove_partial(store_dir: str, made_dir: bool, backend_path: str) -> None:
     if made_dir:
         with contextlib.suppress(OSError):
             os.rmdir(store_dir)
-    del backend_path  # an existing backend file or device given by the user is left as it was
+    if made_backend:
+        with contextlib.suppress(OSError):
+            os.unlink(made_backend)
+
+
+def _is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def open_store(

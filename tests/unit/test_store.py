@@ -31,6 +31,7 @@ from dedupblk.store import (
     parse_size,
     read_statistics,
 )
+from dedupblk.store import backend as backend_module
 from dedupblk.store import meta as meta_module
 from dedupblk.store.format import FORMAT, KEY_FORMAT, Fingerprint
 from dedupblk.store.store import GROUP_SECONDS
@@ -304,6 +305,7 @@ def test_create_refuses_a_backend_file_of_another_store(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["create", two, "--size", "1M", "--backend", slots])
     assert result.exit_code != 0
     assert "already holds the slots of a dedupblk store" in result.output
+    assert not os.path.exists(two)
     with open_store(one) as store:
         assert store.read(0, P) == rand_page(5)
 
@@ -316,8 +318,8 @@ def test_reuse_backend_takes_over_a_preallocated_file(tmp_path: Path) -> None:
         store.flush()
     before = os.stat(slots)
     result = CliRunner().invoke(
-        main, ["create", two, "--size", "1M", "--backend", slots, "--reuse-backend",
-               "--preallocate"],
+        main, ["create", two, "--size", "1M", "--backend", slots, "--backend-size", str(SMALL),
+               "--reuse-backend", "--preallocate"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     after = os.stat(slots)
@@ -329,6 +331,41 @@ def test_reuse_backend_takes_over_a_preallocated_file(tmp_path: Path) -> None:
     assert check_store(two).problems == []
     with pytest.raises(BackendMismatch, match="another store"):
         open_store(one)
+
+
+def test_reusing_a_backend_file_for_a_larger_device_grows_it(tmp_path: Path) -> None:
+    one, two, slots = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "b")
+    create_store(one, SMALL, backend=slots, preallocate=True)
+    create_store(two, 8 * SMALL, backend=slots, preallocate=True, reuse_backend=True)
+    with open_store(two) as store:
+        pages = 8 * SMALL // P
+        assert store.config.slot_capacity > pages  # the default: the device and a quarter more
+        store.write(0, b"".join(rand_page(n) for n in range(pages)))  # every page unique
+        store.flush()
+        assert store.read((pages - 1) * P, P) == rand_page(pages - 1)
+    assert os.stat(slots).st_blocks * 512 >= os.stat(slots).st_size  # preallocated in full
+
+
+def test_a_failed_create_removes_the_backend_file_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slots = tmp_path / "b"
+
+    def full(fd: int, end: int, what: str) -> None:
+        raise StoreFull(f"no space to preallocate {what}")
+
+    monkeypatch.setattr(backend_module, "fill_holes", full)
+    with pytest.raises(StoreFull):
+        create_store(str(tmp_path / "s"), SMALL, backend=str(slots), preallocate=True)
+    assert not slots.exists() and not (tmp_path / "s").exists()
+    monkeypatch.undo()
+    create_store(str(tmp_path / "s"), SMALL, backend=str(slots), preallocate=True)  # a retry works
+
+
+def test_no_backend_file_is_made_in_dev(tmp_path: Path) -> None:
+    with pytest.raises(BackendMismatch, match="does not exist"):
+        create_store(str(tmp_path / "s"), SMALL, backend="/dev/dedupblk-no-such-device")
+    assert not os.path.exists("/dev/dedupblk-no-such-device")
 
 
 def test_map_grows_instead_of_failing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -29,7 +29,14 @@ def mount(tmp_path: Path) -> Iterator[object]:
     def make(fstype: str, options: str = "defaults") -> Path:
         point = tmp_path / f"{fstype}-{len(mounted)}"
         point.mkdir()
-        subprocess.run(["mount", "-t", fstype, "-o", options, fstype, str(point)], check=True)
+        source = fstype
+        if fstype == "ext4":  # a small ext4 image on a loop device
+            source = str(tmp_path / f"ext4-{len(mounted)}.img")
+            with open(source, "wb") as image:
+                image.truncate(16 << 20)
+            subprocess.run(["mkfs.ext4", "-q", "-F", source], check=True)
+            options += ",loop"
+        subprocess.run(["mount", "-t", fstype, "-o", options, source, str(point)], check=True)
         mounted.append(point)
         return point
 
@@ -46,30 +53,40 @@ def test_a_swap_store_on_tmpfs_is_refused(mount: object) -> None:
 
 
 def test_metadata_on_ramfs_and_preallocated_slots_on_a_lazytime_disk_pass_silently(
-    mount: object, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    mount: object, caplog: pytest.LogCaptureFixture
 ) -> None:
     ramfs = mount("ramfs")  # type: ignore[operator]
-    slots = tmp_path / "slots"
-    create_store(
-        str(ramfs / "s"), SIZE, backend=str(slots), backend_size=SIZE + 8192, preallocate=True
-    )
-    lazy = _mounted_with(str(slots), "lazytime")
+    disk = mount("ext4", "lazytime")  # type: ignore[operator]
+    create_store(str(ramfs / "s"), SIZE, backend=str(disk / "slots"), preallocate=True)
+    with open_store(str(ramfs / "s")) as store, caplog.at_level(logging.WARNING):
+        check_placement(store, swap=True, serving_dev_id=None)
+    assert caplog.records == []
+
+
+def test_slots_on_a_disk_without_lazytime_are_warned_about(
+    mount: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    ramfs = mount("ramfs")  # type: ignore[operator]
+    disk = mount("ext4")  # type: ignore[operator]
+    create_store(str(ramfs / "s"), SIZE, backend=str(disk / "slots"), preallocate=True)
     with open_store(str(ramfs / "s")) as store, caplog.at_level(logging.WARNING):
         check_placement(store, swap=True, serving_dev_id=None)
     warned = [r.getMessage() for r in caplog.records]
-    assert not any("not on ramfs" in w or "--preallocate" in w for w in warned), warned
-    assert any("not mounted lazytime" in w for w in warned) == (not lazy)
+    assert len(warned) == 1, warned
+    assert str(disk / "slots") in warned[0] and "not mounted lazytime" in warned[0]
 
 
 def test_metadata_on_a_disk_and_sparse_slots_are_warned_about(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    mount: object, caplog: pytest.LogCaptureFixture
 ) -> None:
-    create_store(str(tmp_path / "s"), SIZE)
-    with open_store(str(tmp_path / "s")) as store, caplog.at_level(logging.WARNING):
+    disk = mount("ext4", "lazytime")  # type: ignore[operator]
+    create_store(str(disk / "s"), SIZE)
+    with open_store(str(disk / "s")) as store, caplog.at_level(logging.WARNING):
         check_placement(store, swap=True, serving_dev_id=None)
         warned = " | ".join(r.getMessage() for r in caplog.records)
         assert "is not on ramfs" in warned
         assert "not created with --preallocate" in warned
+        assert "lazytime" not in warned
         caplog.clear()
         check_placement(store, swap=False, serving_dev_id=None)  # not swap: no placement advice
         assert caplog.records == []
@@ -80,3 +97,15 @@ def test_mount_options_are_matched_whole(mount: object) -> None:
     assert _mounted_with(str(ramfs), "mode=700")
     assert not _mounted_with(str(ramfs), "mode")
     assert not _mounted_with(str(ramfs), "lazytime")
+
+
+def test_preallocated_metadata_on_ramfs_is_written_at_create(mount: object) -> None:
+    # ramfs reports no holes (SEEK_HOLE is the end of file) yet allocates a page on first write
+    ramfs = mount("ramfs")  # type: ignore[operator]
+    disk = mount("ext4", "lazytime")  # type: ignore[operator]
+    create_store(
+        str(ramfs / "s"), SIZE, backend=str(disk / "slots"), preallocate=True, meta_size=2 << 20
+    )
+    data = os.stat(ramfs / "s" / "meta" / "data.mdb")
+    assert data.st_size == 2 << 20
+    assert data.st_blocks * 512 >= data.st_size

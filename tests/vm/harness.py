@@ -765,7 +765,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--save-console", type=Path, metavar="FILE", help="append every boot's console to FILE"
     )
     run.add_argument(
-        "--gdb", type=Path, metavar="SOCKET", help="no KASLR, qemu's gdb stub on a Unix socket"
+        "--gdb",
+        type=Path,
+        metavar="SOCKET",
+        help="no KASLR, qemu's gdb stub on a Unix socket (qemu is still killed at --timeout)",
     )
     run.add_argument("command", nargs="+", help="shell command (words are joined by spaces)")
     args = parser.parse_args(argv)
