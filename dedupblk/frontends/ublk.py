@@ -82,12 +82,12 @@ wait on swap writes to this device, so nothing the server waits for may itself w
   A block device (a partition, zram) needs nothing more.  `check_placement` warns about
   anything else.
 - Writeback throttling.  ``--swap`` turns blk-wbt off on the device (see
-  `_disable_writeback_throttling`): with it, kswapd waited in ``wbt_wait`` for swap-outs that
-  wbt let through one at a time.
+  `_disable_writeback_throttling`): in a hang with it on, kswapd and the hog were found
+  waiting in ``wbt_wait`` on swap-outs to this device.
 
 Known limit: a userspace server still cannot draw on the kernel's emergency reserves
-(``PF_MEMALLOC``).  With this placement the whole-machine test (group ``swap``) passed 10 runs of
-11 on 2026-11-27; one hung within 20 s of the hog starting, one vCPU busy and nothing reported by
+(``PF_MEMALLOC``).  With this placement the whole-machine test (group ``swap``) passed 20 runs of
+21 on 2026-11-27; one hung within 20 s of the hog starting, one vCPU busy and nothing reported by
 the hung-task detector (which skips killable sleeps, such as a fault waiting for a swap-in), cause
 not found.  The tests run the hog in a memory cgroup (tests/vm/test_ublk.py::test_swap).
 
