@@ -40,6 +40,9 @@ class Symbols:
         if not table:
             raise SystemExit("no kernel text symbols (was kallsyms read as root, without KASLR?)")
         table.sort()
+        end = [address for address, name in table if name == "_etext"]
+        if end:  # nothing past the end of kernel text (data would read as _etext+offset)
+            table = [(address, name) for address, name in table if address < end[0]]
         self.addresses = [address for address, _ in table]
         self.names = [name for _, name in table]
 
