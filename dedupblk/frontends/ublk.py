@@ -86,10 +86,14 @@ wait on swap writes to this device, so nothing the server waits for may itself w
   waiting in ``wbt_wait`` on swap-outs to this device.
 
 Known limit: a userspace server still cannot draw on the kernel's emergency reserves
-(``PF_MEMALLOC``).  With this placement the whole-machine test (group ``swap``) passed 20 runs of
-21 on 2026-11-27; one hung within 20 s of the hog starting, one vCPU busy and nothing reported by
-the hung-task detector (which skips killable sleeps, such as a fault waiting for a swap-in), cause
-not found.  The tests run the hog in a memory cgroup (tests/vm/test_ublk.py::test_swap).
+(``PF_MEMALLOC``).  With this placement the whole-machine test (group ``swap``) passed 36 runs of
+38 on 2026-11-27/28.  Both hangs came within 20 s of the hog starting, with nothing reported by
+the hung-task detector (it skips killable sleeps and sleeps with a timeout).  In the second, the
+queue thread sat in ``mempool_alloc`` (uninterruptible, two minutes) with swap-outs frozen: a
+kernel memory pool its own I/O draws on was empty.  One candidate is ``fs_bio_set``, which both
+the kernel's swap-out bios (held by requests queued on this device) and O_DIRECT writes to a file
+draw on; O_DIRECT to a block device uses a pool of its own.  Not established.  The tests run the
+hog in a memory cgroup (tests/vm/test_ublk.py::test_swap).
 
 Layouts below were checked against Linux 6.12's include/uapi/linux/ublk_cmd.h; each record is a
 small dataclass with its ``struct`` format beside it.

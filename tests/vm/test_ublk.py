@@ -58,6 +58,6 @@ def test_swap(vm: Harness) -> None:
     # The README's placement (metadata on ramfs, slots preallocated on /scratch remounted
     # lazytime); the hog allocates 1.5 x the limit of its memory cgroup, so the rest of the guest
     # (the server included) keeps free memory.  With the whole guest out of memory instead (group
-    # "swap") the same placement passed 20 runs of 21 here and hung in one: the known limit the
+    # "swap") the same placement passed 36 runs of 38 here and hung in two: the known limit the
     # README describes, and a test that hangs one run in twenty cannot gate CI.
     run_group(vm, "swap-cgroup", SWAP_CHECKS, timeout=1200, memory_mb=768, scratch_mb=1024)
