@@ -496,14 +496,14 @@ def _warn_swap_placement(store: Store) -> None:
         if not _mounted_with(store.path, "lazytime"):
             log.warning("%s is not mounted lazytime: every timestamp update of the store's "
                         "metadata goes through its journal", store.path)  # fmt: skip
-    if not stat.S_ISBLK(os.stat(store.backend_path).st_mode):
+    slots = store.backend_path
+    if not stat.S_ISBLK(os.stat(slots).st_mode) and filesystem_type(slots) != RAMFS_MAGIC:
         if not store.backend_preallocated:
             log.warning("%s (the slots) was not created with --preallocate: a slot write "
-                        "can need a new file block under memory pressure",
-                        store.backend_path)  # fmt: skip
-        if not _mounted_with(store.backend_path, "lazytime"):
+                        "can need a new file block under memory pressure", slots)  # fmt: skip
+        if not _mounted_with(slots, "lazytime"):
             log.warning("%s is not mounted lazytime: a slot write's timestamp update goes "
-                        "through its journal", store.backend_path)  # fmt: skip
+                        "through its journal", slots)  # fmt: skip
 
 
 def _mounted_with(path: str, option: str) -> bool:

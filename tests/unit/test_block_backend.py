@@ -44,12 +44,17 @@ def loop_device(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         subprocess.run(["losetup", "--detach", device], check=True)
 
 
-def test_pages_on_a_block_device_survive_reopening(
-    tmp_path: Path, loop_device: tuple[str, Path]
-) -> None:
-    device, _ = loop_device
+@pytest.fixture
+def block_store(tmp_path: Path, loop_device: tuple[str, Path]) -> tuple[str, Path]:
+    """A new store whose slots are the loop device; its path and the device's backing file."""
+    device, image = loop_device
     path = str(tmp_path / "s")
     create_store(path, SMALL, backend=device)
+    return path, image
+
+
+def test_pages_on_a_block_device_survive_reopening(block_store: tuple[str, Path]) -> None:
+    path, _ = block_store
     pages = [rand_page(n % 12) for n in range(24)]  # 12 unique pages, each twice
     with open_store(path) as store:
         assert store._backend.is_block and store._backend.direct
@@ -62,11 +67,9 @@ def test_pages_on_a_block_device_survive_reopening(
 
 
 def test_a_full_block_device_is_enospc_and_keeps_what_it_holds(
-    tmp_path: Path, loop_device: tuple[str, Path]
+    block_store: tuple[str, Path],
 ) -> None:
-    device, _ = loop_device
-    path = str(tmp_path / "s")
-    create_store(path, SMALL, backend=device)
+    path, _ = block_store
     with open_store(path) as store:
         for n in range(40):
             store.write(n * P, rand_page(100 + n))
@@ -78,12 +81,8 @@ def test_a_full_block_device_is_enospc_and_keeps_what_it_holds(
     assert check_store(path).problems == []
 
 
-def test_freed_slots_are_discarded_on_the_device(
-    tmp_path: Path, loop_device: tuple[str, Path]
-) -> None:
-    device, image = loop_device
-    path = str(tmp_path / "s")
-    create_store(path, SMALL, backend=device)
+def test_freed_slots_are_discarded_on_the_device(block_store: tuple[str, Path]) -> None:
+    path, image = block_store
     with open_store(path) as store:
         store.write(0, b"".join(rand_page(200 + n) for n in range(32)))
         store.flush()

@@ -109,3 +109,15 @@ def test_preallocated_metadata_on_ramfs_is_written_at_create(mount: object) -> N
     data = os.stat(ramfs / "s" / "meta" / "data.mdb")
     assert data.st_size == 2 << 20
     assert data.st_blocks * 512 >= data.st_size
+
+
+def test_a_store_wholly_on_ramfs_needs_no_placement_advice(
+    mount: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    # slots in RAM too (a dedup-only RAM swap): no writeback, no journal, nothing to warn about
+    ramfs = mount("ramfs")  # type: ignore[operator]
+    create_store(str(ramfs / "s"), SIZE)
+    with open_store(str(ramfs / "s")) as store, caplog.at_level(logging.WARNING):
+        check_placement(store, swap=True, serving_dev_id=None)
+    assert [r.getMessage() for r in caplog.records if "lazytime" in r.getMessage()] == []
+    assert [r.getMessage() for r in caplog.records if "--preallocate" in r.getMessage()] == []
