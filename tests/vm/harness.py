@@ -40,6 +40,8 @@ What the guest command gets:
 - With ``scratch_mb > 0`` (default 512): a sparse raw image, formatted ext4 on the host and
   attached as virtio disk /dev/vda, mounted at ``/scratch``. Stores that back a swap device must
   live there, not on tmpfs (tmpfs can itself be swapped out to the device it backs).
+- With ``raw_disk_mb > 0`` (default 0; needs the scratch disk): a second sparse raw image, all
+  zeros and unformatted, attached as virtio disk /dev/vdb: a block device for a store's slots.
 - Modules already loaded (no modprobe in the guest): ublk_drv, zram (one device, zram0), ext4,
   9p and their dependencies. ``/dev/ublk-control`` exists.
 
@@ -514,7 +516,12 @@ class Harness:
         return cls(kernel=kernel, initramfs=ensure_initramfs(kernel))
 
     def qemu_argv(
-        self, share: Path, scratch: Path | None, memory_mb: int, debug: Debug | None = None
+        self,
+        share: Path,
+        scratch: Path | None,
+        memory_mb: int,
+        debug: Debug | None = None,
+        raw_disk: Path | None = None,
     ) -> list[str]:
         argv = [
             QEMU,
@@ -540,6 +547,11 @@ class Harness:
                 "-drive",
                 f"file={_qemu_value(scratch)},format=raw,if=virtio,cache=unsafe,discard=unmap",
             ]
+        if raw_disk is not None:
+            argv += [
+                "-drive",
+                f"file={_qemu_value(raw_disk)},format=raw,if=virtio,cache=unsafe,discard=unmap",
+            ]
         return argv
 
     def run(
@@ -552,6 +564,7 @@ class Harness:
         env: Mapping[str, str] | None = None,
         save_console: Path | None = None,
         debug: Debug | None = None,
+        raw_disk_mb: int = 0,
     ) -> VMResult:
         """Boot a VM, run ``command`` with /bin/sh in it, and return its status and output.
 
@@ -570,9 +583,12 @@ class Harness:
         had run yet. The discarded boot is named on stderr and in ``VMResult.failed_boots``; a
         panic after the command started is always an error.
         """
+        if raw_disk_mb > 0 and scratch_mb <= 0:
+            raise VMError("a raw disk (/dev/vdb) needs the scratch disk (/dev/vda) before it")
+        disks = _Disks(scratch_mb, raw_disk_mb)
         failed_boots: list[str] = []
         while True:
-            result = self._boot(command, timeout, memory_mb, scratch_mb, env, save_console, debug)
+            result = self._boot(command, timeout, memory_mb, disks, env, save_console, debug)
             panic = [line for line in result.console.splitlines() if _PANIC_MARKER in line]
             if not panic:
                 break
@@ -606,7 +622,7 @@ class Harness:
         command: str,
         timeout: float,
         memory_mb: int,
-        scratch_mb: int,
+        disks: _Disks,
         env: Mapping[str, str] | None,
         save_console: Path | None = None,
         debug: Debug | None = None,
@@ -619,18 +635,22 @@ class Harness:
             work = Path(tmp)
             share = work / "share"
             share.mkdir()
-            (share / "job.conf").write_text(f"VM_SCRATCH={int(scratch_mb > 0)}\n")
+            (share / "job.conf").write_text(f"VM_SCRATCH={int(disks.scratch_mb > 0)}\n")
             (share / "keep").write_text("".join(f"{path}\n" for path in keep))
             (share / "job.sh").write_text(_job_script(command, env, self.repo_root))
-            scratch = None
-            if scratch_mb > 0:
+            scratch = raw_disk = None
+            if disks.scratch_mb > 0:
                 scratch = work / "scratch.img"
-                _make_scratch_image(scratch, scratch_mb)
+                _make_scratch_image(scratch, disks.scratch_mb)
+            if disks.raw_disk_mb > 0:
+                raw_disk = work / "raw.img"
+                with raw_disk.open("wb") as image:
+                    image.truncate(disks.raw_disk_mb << 20)
             console_path = work / "console.log"
             started = time.monotonic()
             with console_path.open("wb") as console_file:
                 qemu = subprocess.Popen(
-                    self.qemu_argv(share, scratch, memory_mb, debug),
+                    self.qemu_argv(share, scratch, memory_mb, debug, raw_disk),
                     stdin=subprocess.DEVNULL,
                     stdout=console_file,
                     stderr=subprocess.STDOUT,
@@ -668,6 +688,14 @@ class Debug:
     """How to boot a guest for inspection (see `Harness.run`)."""
 
     gdb_socket: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class _Disks:
+    """Sizes of the disks each boot gets afresh (0: none)."""
+
+    scratch_mb: int
+    raw_disk_mb: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -757,6 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--timeout", type=float, default=600, help="seconds (default 600)")
     run.add_argument("--memory-mb", type=int, default=2048)
     run.add_argument("--scratch-mb", type=int, default=512, help="ext4 /scratch size, 0 for none")
+    run.add_argument("--raw-disk-mb", type=int, default=0, help="unformatted /dev/vdb, 0 for none")
     run.add_argument(
         "-e", "--env", action="append", default=[], type=_env_pair, metavar="NAME=VALUE"
     )
@@ -786,6 +815,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             env=dict(args.env),
             save_console=args.save_console,
             debug=Debug(args.gdb) if args.gdb else None,
+            raw_disk_mb=args.raw_disk_mb,
         )
     except VMError as error:
         print(f"vm harness: {error}", file=sys.stderr)

@@ -399,6 +399,22 @@ def heartbeat(server_pid: int, started: float) -> None:
     )
     with contextlib.suppress(OSError), open("/dev/kmsg", "w") as kmsg:
         kmsg.write(line[:900] + "\n")
+        for stack in sleeping_stacks(server_pid):
+            kmsg.write(stack[:900] + "\n")
+
+
+def sleeping_stacks(server_pid: int) -> list[str]:
+    """The kernel stack, on one line, of each server thread in uninterruptible sleep."""
+    found = []
+    for task in sorted(Path(f"/proc/{server_pid}/task").glob("[0-9]*")):
+        try:
+            if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] != "D":
+                continue
+            frames = [line.split()[-1] for line in (task / "stack").read_text().splitlines()]
+        except (OSError, IndexError):
+            continue
+        found.append(f"swap-watch stack {task.name}: {' < '.join(frames)}")
+    return found
 
 
 HEARTBEAT_COUNTERS = ("pswpin", "pswpout", "pgmajfault", "allocstall_normal", "oom_kill")
@@ -455,6 +471,7 @@ HOG_MEMORY_MAX = 160 << 20
 # hog's pages dedup to about a quarter) so that it fits /scratch next to the metadata.
 SWAP_STORE_SIZE = "1G"
 SWAP_BACKEND_SIZE = "512M"
+RAW_DISK = "/dev/vdb"  # the harness's raw disk, for the blockdev placement
 
 
 def hog_cgroup(limit: int) -> str:
@@ -513,7 +530,15 @@ def swap_checks(*, whole_machine: bool, placement: str) -> None:
 
     store = "/scratch/swap-store"
     files = ["slots", "meta/data.mdb", "meta/lock.mdb"]  # the preallocated ones, under the store
-    if placement == "ramfs":
+    if placement == "blockdev":
+        # Metadata on ramfs, slots on a raw block device (/dev/vdb: harness raw_disk_mb).  O_DIRECT
+        # to a block device draws its bios from the block layer's own pool, not from the
+        # filesystems' pool that the kernel's swap-out bios also come from.
+        Path("/run/dedupblk").mkdir()
+        run("mount", "-t", "ramfs", "-o", "mode=700", "ramfs", "/run/dedupblk")
+        store, files = "/run/dedupblk/swap", []
+        cli("create", store, "--size", SWAP_STORE_SIZE, "--backend", RAW_DISK)
+    elif placement == "ramfs":
         # The README's swap placement: metadata on ramfs (no writeback, never swapped), slots in
         # a preallocated file on a disk mounted lazytime (timestamps not journalled).
         run("mount", "-o", "remount,lazytime", "/scratch")
@@ -615,7 +640,7 @@ def swap_checks(*, whole_machine: bool, placement: str) -> None:
                 size, allocated = path.stat().st_size, path.stat().st_blocks * 512
                 require(allocated >= size, f"{name}: {allocated} bytes allocated of {size}")
                 print(f"{name}: {size} bytes, all allocated")
-            if placement == "ramfs":
+            if placement in ("ramfs", "blockdev"):
                 advice = [w for w in ("not on ramfs", "lazytime", "--preallocate")
                           if w in server.errors()]  # fmt: skip
                 require(not advice, f"placement warnings: {server.errors()}")
@@ -633,6 +658,10 @@ def main() -> None:
         swap_checks(whole_machine=True, placement="ramfs")
     elif group == "swap-cgroup":
         swap_checks(whole_machine=False, placement="ramfs")
+    elif group == "swap-blockdev":
+        swap_checks(whole_machine=True, placement="blockdev")
+    elif group == "swap-blockdev-cgroup":
+        swap_checks(whole_machine=False, placement="blockdev")
     elif group == "swap-disk-meta":
         swap_checks(whole_machine=True, placement="disk")
     elif group == "swap-unsafe":
