@@ -536,8 +536,8 @@ def swap_checks(*, whole_machine: bool, placement: str) -> None:
         # filesystems' pool that the kernel's swap-out bios also come from.
         Path("/run/dedupblk").mkdir()
         run("mount", "-t", "ramfs", "-o", "mode=700", "ramfs", "/run/dedupblk")
-        store, files = "/run/dedupblk/swap", []
-        cli("create", store, "--size", SWAP_STORE_SIZE, "--backend", RAW_DISK)
+        store, files = "/run/dedupblk/swap", ["meta/data.mdb"]
+        cli("create", store, "--size", SWAP_STORE_SIZE, "--backend", RAW_DISK, "--preallocate")
     elif placement == "ramfs":
         # The README's swap placement: metadata on ramfs (no writeback, never swapped), slots in
         # a preallocated file on a disk mounted lazytime (timestamps not journalled).
