@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,3 +42,27 @@ def rand_page(seed: int) -> bytes:
 
 def allocated_bytes(path: str) -> int:
     return os.stat(path).st_blocks * 512
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A loop device over a sparse 41-page file: the backend header and 40 slots."""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root with losetup: the block backend must be tested")
+        pytest.skip("needs root and losetup for a loop device")
+    image = tmp_path / "device.img"
+    with image.open("wb") as f:
+        f.truncate(41 * 4096)
+    done = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"losetup: {done.stderr}")
+        pytest.skip(f"no loop device here: {done.stderr.strip()}")
+    device = done.stdout.strip()
+    try:
+        yield device, image
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=True)

@@ -76,11 +76,19 @@ wait on swap writes to this device, so nothing the server waits for may itself w
   swap store's directory goes on **ramfs**: no writeback at all (the filesystem has none), never
   swapped out, and it survives a crash of the server (not a reboot, which swap does not
   survive either).  tmpfs is refused: its pages can be swapped out to this very device.
-- Slots.  A preallocated file (``create --preallocate``: every block written at create, never
-  punched) is read and written ``O_DIRECT``: no page cache, no block allocation, no unwritten
-  extent to convert; on a filesystem mounted ``lazytime`` no timestamp goes through the journal.
-  A block device (a partition, zram) needs nothing more.  `check_placement` warns about
-  anything else.
+- Slots.  On a **block device** (a partition, an LV, zram).  Slot I/O is ``O_DIRECT``, and
+  ``O_DIRECT`` to a block device takes no bio from a pool anything else draws on (Linux 6.12,
+  block/fops.c: a synchronous request of a few pages uses a bio on the stack, a larger one
+  kmallocs its vector or uses the block layer's own ``blkdev_dio_pool``).  A file on a disk
+  filesystem is the other way round: iomap's direct I/O (ext4, xfs) allocates every bio from
+  ``fs_bio_set`` (``bio_alloc``), the very pool each swap-out bio comes from (mm/page_io.c,
+  ``bio_alloc(..., GFP_NOIO)``).  Under memory pressure those swap-outs fall back on the pool's
+  reserve of two, and they are held by requests queued on this device; a slot write then waits
+  in ``mempool_alloc`` until a bio of that pool is freed, while most of them are swap-outs
+  waiting for this very server.  A file that
+  must do anyway is created ``--preallocate`` (every block written at create, never punched:
+  no block allocation, no unwritten extent to convert) on a filesystem mounted ``lazytime`` (no
+  timestamp through the journal).  `check_placement` warns about a file on a disk filesystem.
 - Writeback throttling.  ``--swap`` turns blk-wbt off on the device (see
   `_disable_writeback_throttling`): in a hang with it on, kswapd and the hog were found
   waiting in ``wbt_wait`` on swap-outs to this device.
@@ -498,6 +506,10 @@ def _warn_swap_placement(store: Store) -> None:
                         "metadata goes through its journal", store.path)  # fmt: skip
     slots = store.backend_path
     if not stat.S_ISBLK(os.stat(slots).st_mode) and filesystem_type(slots) != RAMFS_MAGIC:
+        log.warning("%s (the slots) is a file on a disk filesystem: its O_DIRECT I/O takes its "
+                    "bios from the pool the kernel's swap-outs take theirs from, which can run "
+                    "dry with swap-outs queued on this device; put the slots on a block device "
+                    "(a partition, an LV, zram)", slots)  # fmt: skip
         if not store.backend_preallocated:
             log.warning("%s (the slots) was not created with --preallocate: a slot write "
                         "can need a new file block under memory pressure", slots)  # fmt: skip

@@ -5,10 +5,6 @@ slots are discarded (the loop driver punches its file)."""
 from __future__ import annotations
 
 import errno
-import os
-import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,30 +14,6 @@ from dedupblk.store.store import read_statistics
 from tests.conftest import SMALL, allocated_bytes, rand_page
 
 P = 4096
-
-
-@pytest.fixture
-def loop_device(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A loop device over a sparse 41-page file: the backend header and 40 slots."""
-    if os.geteuid() != 0 or shutil.which("losetup") is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI runs as root with losetup: the block backend must be tested")
-        pytest.skip("needs root and losetup for a loop device")
-    image = tmp_path / "device.img"
-    with image.open("wb") as f:
-        f.truncate(41 * P)
-    done = subprocess.run(
-        ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"losetup: {done.stderr}")
-        pytest.skip(f"no loop device here: {done.stderr.strip()}")
-    device = done.stdout.strip()
-    try:
-        yield device, image
-    finally:
-        subprocess.run(["losetup", "--detach", device], check=True)
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""`check_placement` for a swap store: tmpfs refused; metadata on ramfs and preallocated slots
-on a disk accepted silently only when nothing in the placement writes back through page cache."""
+"""`check_placement` for a swap store: tmpfs refused; metadata on ramfs and slots on a block
+device accepted silently; slots in a file on a disk warned about (their O_DIRECT bios come from
+the pool swap-outs use), and more so when they can write back through page cache or journal."""
 
 from __future__ import annotations
 
@@ -52,7 +53,17 @@ def test_a_swap_store_on_tmpfs_is_refused(mount: object) -> None:
         check_placement(store, swap=True, serving_dev_id=None)
 
 
-def test_metadata_on_ramfs_and_preallocated_slots_on_a_lazytime_disk_pass_silently(
+def test_metadata_on_ramfs_and_slots_on_a_block_device_pass_silently(
+    mount: object, loop_device: tuple[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    ramfs = mount("ramfs")  # type: ignore[operator]
+    create_store(str(ramfs / "s"), SIZE, backend=loop_device[0])
+    with open_store(str(ramfs / "s")) as store, caplog.at_level(logging.WARNING):
+        check_placement(store, swap=True, serving_dev_id=None)
+    assert caplog.records == []
+
+
+def test_preallocated_slots_on_a_lazytime_disk_get_the_bio_pool_warning_only(
     mount: object, caplog: pytest.LogCaptureFixture
 ) -> None:
     ramfs = mount("ramfs")  # type: ignore[operator]
@@ -60,7 +71,9 @@ def test_metadata_on_ramfs_and_preallocated_slots_on_a_lazytime_disk_pass_silent
     create_store(str(ramfs / "s"), SIZE, backend=str(disk / "slots"), preallocate=True)
     with open_store(str(ramfs / "s")) as store, caplog.at_level(logging.WARNING):
         check_placement(store, swap=True, serving_dev_id=None)
-    assert caplog.records == []
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1, warned
+    assert str(disk / "slots") in warned[0] and "file on a disk filesystem" in warned[0]
 
 
 def test_slots_on_a_disk_without_lazytime_are_warned_about(
@@ -72,8 +85,9 @@ def test_slots_on_a_disk_without_lazytime_are_warned_about(
     with open_store(str(ramfs / "s")) as store, caplog.at_level(logging.WARNING):
         check_placement(store, swap=True, serving_dev_id=None)
     warned = [r.getMessage() for r in caplog.records]
-    assert len(warned) == 1, warned
-    assert str(disk / "slots") in warned[0] and "not mounted lazytime" in warned[0]
+    assert len(warned) == 2, warned
+    assert "file on a disk filesystem" in warned[0]
+    assert str(disk / "slots") in warned[1] and "not mounted lazytime" in warned[1]
 
 
 def test_metadata_on_a_disk_and_sparse_slots_are_warned_about(
