@@ -31,6 +31,7 @@ $(STAMP): pyproject.toml
 
 lint: setup
 	$(VENV)/bin/ruff check dedupblk tests bench
+	$(VENV)/bin/ruff format --check dedupblk tests bench
 	$(VENV)/bin/mypy dedupblk
 
 unit: setup
@@ -38,6 +39,7 @@ unit: setup
 
 test: setup
 	$(VENV)/bin/ruff check dedupblk tests bench
+	$(VENV)/bin/ruff format --check dedupblk tests bench
 	$(VENV)/bin/mypy dedupblk
 	$(PY) -m pytest -q tests
 

@@ -60,8 +60,9 @@ def run_one(directory: str, pages: int, duplicate_percent: int, seed: int) -> Re
             read(offset, PAGE_SIZE)
         read_s = time.perf_counter() - start
         stats = store.statistics()
-    return Result(duplicate_percent, pages / write_s, pages / read_s, stats.dedup_ratio,
-                  stats.stored_pages)
+    return Result(
+        duplicate_percent, pages / write_s, pages / read_s, stats.dedup_ratio, stats.stored_pages
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,10 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     base = args.dir or os.environ.get("DEDUPBLK_BENCH_DIR") or "/var/tmp"
     with tempfile.TemporaryDirectory(prefix="dedupblk-bench-", dir=base) as directory:
-        print(f"in-process store, {args.pages} random 4 KiB pages per run, "
-              f"median of {args.rounds} rounds, stores under {base}")
-        print(f"{'duplicates':>10} {'writes/s':>12} {'reads/s':>12} {'dedup ratio':>12} "
-              f"{'stored pages':>13}")
+        print(
+            f"in-process store, {args.pages} random 4 KiB pages per run, "
+            f"median of {args.rounds} rounds, stores under {base}"
+        )
+        print(
+            f"{'duplicates':>10} {'writes/s':>12} {'reads/s':>12} {'dedup ratio':>12} "
+            f"{'stored pages':>13}"
+        )
         for percent in (0, 50, 90):
             results = [run_one(directory, args.pages, percent, seed) for seed in range(args.rounds)]
             print(

@@ -68,14 +68,28 @@ def main(verbose: bool) -> None:
 @click.option("--backend", type=click.Path(), help="File or block device for the slots.")
 @click.option("--backend-size", type=SIZE, help="Capacity of a new backend file.")
 @click.option("--max-index-entries", type=click.IntRange(min=1), help="Bound the dedup index.")
-@click.option("--max-share", type=click.IntRange(min=1), default=254, show_default=True,
-              help="Most pages that may share one slot.")
-@click.option("--preallocate", is_flag=True,
-              help="Write the store's files in full now, never punch them (for swap).")
-@click.option("--meta-size", type=SIZE,
-              help="With --preallocate: size of the metadata file (default 256 bytes a page).")
-@click.option("--reuse-backend", is_flag=True,
-              help="Take over a backend that holds another store's slots (they are lost).")
+@click.option(
+    "--max-share",
+    type=click.IntRange(min=1),
+    default=254,
+    show_default=True,
+    help="Most pages that may share one slot.",
+)
+@click.option(
+    "--preallocate",
+    is_flag=True,
+    help="Write the store's files in full now, never punch them (for swap).",
+)
+@click.option(
+    "--meta-size",
+    type=SIZE,
+    help="With --preallocate: size of the metadata file (default 256 bytes a page).",
+)
+@click.option(
+    "--reuse-backend",
+    is_flag=True,
+    help="Take over a backend that holds another store's slots (they are lost).",
+)
 def create(
     store: str,
     size: int,
@@ -194,10 +208,20 @@ def check(store: str, as_json: bool, repair: bool) -> None:
 @click.option("--foreground", is_flag=True, help="nbd: stay in the foreground.")
 @click.option("--tls", type=click.Choice(["off", "on", "require"]), help="nbd: nbdkit --tls.")
 @click.option("--tls-certificates", type=click.Path(), help="nbd: nbdkit --tls-certificates.")
-@click.option("--queues", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="ublk: hardware queues.")
-@click.option("--depth", type=click.IntRange(1, 4096), default=64, show_default=True,
-              help="ublk: queue depth.")
+@click.option(
+    "--queues",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="ublk: hardware queues.",
+)
+@click.option(
+    "--depth",
+    type=click.IntRange(1, 4096),
+    default=64,
+    show_default=True,
+    help="ublk: queue depth.",
+)
 @click.option("--dev-id", type=click.IntRange(min=0), help="ublk: device id (default: any).")
 @click.option("--swap", is_flag=True, help="ublk: mkswap and swapon the device.")
 @click.option("--swap-priority", type=int, help="ublk: swapon priority.")

@@ -32,8 +32,9 @@ def main() -> int:
     socket = DEMO_DIR / "nbd.sock"
     subprocess.run(_dedupblk("create", str(store), "--size", SIZE), check=True)
     server = subprocess.Popen(
-        _dedupblk("serve", str(store), "--frontend", "nbd", "--socket", str(socket),
-                  "--foreground"),
+        _dedupblk(
+            "serve", str(store), "--frontend", "nbd", "--socket", str(socket), "--foreground"
+        ),
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -499,7 +499,8 @@ def _warn_swap_placement(store: Store) -> None:
     if filesystem_type(store.path) != RAMFS_MAGIC:
         log.warning(
             "%s (the store's metadata) is not on ramfs: under memory pressure, writing back its "
-            "dirty pages can stall this swap device (see README, \"Running as swap\")", store.path
+            'dirty pages can stall this swap device (see README, "Running as swap")',
+            store.path,
         )
         if not _mounted_with(store.path, "lazytime"):
             log.warning("%s is not mounted lazytime: every timestamp update of the store's "

@@ -220,8 +220,13 @@ CHECKS: dict[str, Callable[[Snapshot, Progress], list[Problem]]] = {
 def work_units(snap: Snapshot) -> int:
     """Roughly how many progress units the checks report (for a progress bar)."""
     return (
-        len(snap.map) + len(snap.refs) * 2 + len(snap.free) + len(snap.deferred)
-        + snap.state.slot_high + len(snap.index) + 1
+        len(snap.map)
+        + len(snap.refs) * 2
+        + len(snap.free)
+        + len(snap.deferred)
+        + snap.state.slot_high
+        + len(snap.index)
+        + 1
     )
 
 

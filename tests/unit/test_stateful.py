@@ -124,9 +124,7 @@ class StoreMachine(RuleBasedStateMachine):
                 for v in txn.cursor(db=meta.map).iternext(keys=False)
                 if MAP_ENTRY.unpack(v)[0] == KIND_SLOT
             )
-            refs = {
-                key_int(k): REF.unpack(v)[0] for k, v in txn.cursor(db=meta.refs).iternext()
-            }
+            refs = {key_int(k): REF.unpack(v)[0] for k, v in txn.cursor(db=meta.refs).iternext()}
         assert refs == dict(mapped)
 
     def teardown(self) -> None:
