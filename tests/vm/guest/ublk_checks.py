@@ -5,24 +5,27 @@ Runs inside the VM with the project's venv python (``python tests/vm/guest/ublk_
 - ``block``: fio verify across a server restart, ext4 with fsck and checksums, blkdiscard, crash
   and ``--recover``, ``devices --cleanup``.
 - ``swap``: the tmpfs refusal, then real swap on the device with the whole guest out of memory,
-  in the README's swap placement: the store's directory (its LMDB metadata) on a ramfs mounted
-  at /run/dedupblk, its slots in a file created ``--preallocate`` on /scratch remounted
-  ``lazytime``.  A memory hog with no cgroup allocates 1.5 times the guest's MemAvailable in
-  pages that are zero, same-filled, duplicated or unique, verifies every byte, and the store's
-  statistics show the dedup.
+  in the README's swap placement: the store's directory (its LMDB metadata) preallocated on a
+  ramfs mounted at /run/dedupblk, its slots on a block device of their own (the harness's raw
+  disk, /dev/vdb: boot with ``raw_disk_mb``).  A memory hog with no cgroup allocates 1.5 times
+  the guest's MemAvailable in pages that are zero, same-filled, duplicated or unique, verifies
+  every byte, and the store's statistics show the dedup.
 - ``swap-cgroup``: the same with the hog confined to a memory cgroup (1.5 times its limit), so
   that only the hog is short of memory.
+- ``swap-file-slots``: the whole-machine hog with the slots in a file created ``--preallocate``
+  on /scratch remounted ``lazytime`` instead (metadata on ramfs as before): the placement before
+  the block device, kept to compare (see "Swap placement" in dedupblk/frontends/ublk.py).
 - ``swap-disk-meta``: the whole-machine hog with the whole store (metadata too) preallocated on
-  /scratch remounted ``lazytime``: the placement before ramfs, kept to compare (see "Swap
-  placement" in dedupblk/frontends/ublk.py).
+  /scratch remounted ``lazytime``: the placement before ramfs, kept to compare.
 - ``swap-unsafe``: the whole-machine hog with a plain store (sparse files, holes punched) on
   /scratch mounted without ``lazytime``; kept to reproduce the deadlock that section describes.
 - ``allocate BYTES [CGROUP]``: the memory hog itself (run as a child by the swap groups).
 
 Run a swap group by hand with ``python -m tests.vm.harness run --memory-mb 768 --scratch-mb 1024
-[--save-console FILE] -- '.venv/bin/python tests/vm/guest/ublk_checks.py GROUP'``; while the hog
-runs, a ``swap-watch`` line in the kernel log (the console) every 20 s shows swap progress and
-the server threads' states.  Booted with ``--gdb SOCKET`` as well, a hung guest's vCPUs can be
+--raw-disk-mb 640 [--save-console FILE] -- '.venv/bin/python tests/vm/guest/ublk_checks.py
+GROUP'``; while the hog runs, a ``swap-watch`` line in the kernel log (the console) every 20 s
+shows swap progress and the server threads' states, with the kernel stack of any of them in
+uninterruptible sleep.  Booted with ``--gdb SOCKET`` as well, a hung guest's vCPUs can be
 sampled from the host with ``python -m tests.vm.vcpu_stacks SOCKET``.
 
 Every check prints ``ok: NAME`` when it passed; the first failure prints ``FAIL: NAME: why`` and
@@ -531,16 +534,16 @@ def swap_checks(*, whole_machine: bool, placement: str) -> None:
     store = "/scratch/swap-store"
     files = ["slots", "meta/data.mdb", "meta/lock.mdb"]  # the preallocated ones, under the store
     if placement == "blockdev":
-        # Metadata on ramfs, slots on a raw block device (/dev/vdb: harness raw_disk_mb).  O_DIRECT
-        # to a block device draws its bios from the block layer's own pool, not from the
-        # filesystems' pool that the kernel's swap-out bios also come from.
+        # The README's swap placement: metadata on ramfs (no writeback, never swapped), slots on a
+        # block device (/dev/vdb): their O_DIRECT I/O takes no bio from the pool that the
+        # kernel's swap-outs take theirs from.
         Path("/run/dedupblk").mkdir()
         run("mount", "-t", "ramfs", "-o", "mode=700", "ramfs", "/run/dedupblk")
         store, files = "/run/dedupblk/swap", ["meta/data.mdb"]
         cli("create", store, "--size", SWAP_STORE_SIZE, "--backend", RAW_DISK, "--preallocate")
-    elif placement == "ramfs":
-        # The README's swap placement: metadata on ramfs (no writeback, never swapped), slots in
-        # a preallocated file on a disk mounted lazytime (timestamps not journalled).
+    elif placement == "file-slots":
+        # Metadata on ramfs, slots in a preallocated file on a disk mounted lazytime (timestamps
+        # not journalled).
         run("mount", "-o", "remount,lazytime", "/scratch")
         Path("/run/dedupblk").mkdir()
         run("mount", "-t", "ramfs", "-o", "mode=700", "ramfs", "/run/dedupblk")
@@ -640,10 +643,11 @@ def swap_checks(*, whole_machine: bool, placement: str) -> None:
                 size, allocated = path.stat().st_size, path.stat().st_blocks * 512
                 require(allocated >= size, f"{name}: {allocated} bytes allocated of {size}")
                 print(f"{name}: {size} bytes, all allocated")
-            if placement in ("ramfs", "blockdev"):
-                advice = [w for w in ("not on ramfs", "lazytime", "--preallocate")
-                          if w in server.errors()]  # fmt: skip
-                require(not advice, f"placement warnings: {server.errors()}")
+            if placement in ("blockdev", "file-slots"):
+                warnings = ("not on ramfs", "lazytime", "--preallocate", "disk filesystem")
+                advice = [w for w in warnings if w in server.errors()]
+                expected = ["disk filesystem"] if placement == "file-slots" else []
+                require(advice == expected, f"placement warnings: {server.errors()}")
             grown = "outgrew its preallocated" in server.errors()
             require(not grown, f"the metadata outgrew its preallocation: {server.errors()}")
 
@@ -655,13 +659,11 @@ def main() -> None:
     elif group == "block":
         block_checks()
     elif group == "swap":
-        swap_checks(whole_machine=True, placement="ramfs")
-    elif group == "swap-cgroup":
-        swap_checks(whole_machine=False, placement="ramfs")
-    elif group == "swap-blockdev":
         swap_checks(whole_machine=True, placement="blockdev")
-    elif group == "swap-blockdev-cgroup":
+    elif group == "swap-cgroup":
         swap_checks(whole_machine=False, placement="blockdev")
+    elif group == "swap-file-slots":
+        swap_checks(whole_machine=True, placement="file-slots")
     elif group == "swap-disk-meta":
         swap_checks(whole_machine=True, placement="disk")
     elif group == "swap-unsafe":
