@@ -103,8 +103,8 @@ def create(
 ) -> None:
     """Create an empty store of SIZE bytes in the new or empty directory STORE.
 
-    For swap: STORE on ramfs, --backend a file on a disk mounted lazytime, --preallocate (see
-    README, "Running as swap").
+    For swap: STORE on ramfs, --backend a block device of its own (else a file on a disk mounted
+    lazytime), --preallocate (see README, "Running as swap").
     """
     create_store(
         store,

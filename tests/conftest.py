@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,25 +44,57 @@ def allocated_bytes(path: str) -> int:
     return os.stat(path).st_blocks * 512
 
 
+def _need_root_and(tool: str, what: str) -> None:
+    if os.geteuid() != 0 or shutil.which(tool) is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs as root with {tool}: {what} must be tested")
+        pytest.skip(f"needs root and {tool}")
+
+
 @pytest.fixture
-def loop_device(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A loop device over a sparse 41-page file: the backend header and 40 slots."""
-    if os.geteuid() != 0 or shutil.which("losetup") is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI runs as root with losetup: the block backend must be tested")
-        pytest.skip("needs root and losetup for a loop device")
-    image = tmp_path / "device.img"
-    with image.open("wb") as f:
-        f.truncate(41 * 4096)
-    done = subprocess.run(
-        ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"losetup: {done.stderr}")
-        pytest.skip(f"no loop device here: {done.stderr.strip()}")
-    device = done.stdout.strip()
-    try:
-        yield device, image
-    finally:
+def make_loop_device(tmp_path: Path) -> Iterator[Callable[[int], tuple[str, Path]]]:
+    """``make_loop_device(pages)``: a loop device over a new sparse file of that many pages (its
+    path and the file's), detached afterwards."""
+    _need_root_and("losetup", "the block backend")
+    made: list[str] = []
+
+    def make(pages: int) -> tuple[str, Path]:
+        image = tmp_path / f"device-{len(made)}.img"
+        with image.open("wb") as f:
+            f.truncate(pages * 4096)
+        done = subprocess.run(["losetup", "--find", "--show", str(image)],
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        if done.returncode != 0:
+            if os.environ.get("CI"):
+                pytest.fail(f"losetup: {done.stderr}")
+            pytest.skip(f"no loop device here: {done.stderr.strip()}")
+        made.append(done.stdout.strip())
+        return made[-1], image
+
+    yield make
+    for device in made:
         subprocess.run(["losetup", "--detach", device], check=True)
+
+
+@pytest.fixture
+def loop_device(make_loop_device: Callable[[int], tuple[str, Path]]) -> tuple[str, Path]:
+    """A loop device over a sparse 41-page file: the backend header and 40 slots."""
+    return make_loop_device(41)
+
+
+@pytest.fixture
+def zram_device() -> Iterator[str]:
+    """A fresh 1 MiB zram device (hot-added, removed afterwards): a block device that is not a
+    loop over a file."""
+    control = Path("/sys/class/zram-control")
+    if os.geteuid() != 0 or not control.exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root on a kernel with zram: the placement must be tested")
+        pytest.skip("needs root and zram")
+    number = (control / "hot_add").read_text().strip()
+    try:
+        Path(f"/sys/block/zram{number}/disksize").write_text("1M\n")
+        yield f"/dev/zram{number}"
+    finally:
+        Path(f"/sys/block/zram{number}/reset").write_text("1\n")
+        (control / "hot_remove").write_text(f"{number}\n")

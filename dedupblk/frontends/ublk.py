@@ -480,7 +480,8 @@ def check_placement(store: Store, *, swap: bool, serving_dev_id: int | None) -> 
         if swap and not is_device and filesystem_type(path) == TMPFS_MAGIC:
             raise InvalidRequest(
                 f"{path} is on tmpfs, which can be swapped out to the swap device it backs: "
-                "put a swap store's directory on ramfs and its slots on a disk or a block device"
+                "put a swap store's directory on ramfs and its slots on a block device (or in a "
+                "preallocated file on a disk)"
             )
         disks = ublk_disks_under(path)
         if serving_dev_id is not None and f"ublkb{serving_dev_id}" in disks:
@@ -506,6 +507,11 @@ def _warn_swap_placement(store: Store) -> None:
             log.warning("%s is not mounted lazytime: every timestamp update of the store's "
                         "metadata goes through its journal", store.path)  # fmt: skip
     slots = store.backend_path
+    backing = _loop_backing_file(slots)
+    if backing is not None:
+        log.warning("%s (the slots) is a loop device over %s: its I/O is that file's, with "
+                    "what the warnings for a slot file say (see README, \"Running as swap\")",
+                    slots, backing)  # fmt: skip
     if not stat.S_ISBLK(os.stat(slots).st_mode) and filesystem_type(slots) != RAMFS_MAGIC:
         log.warning("%s (the slots) is a file on a disk filesystem: its O_DIRECT I/O takes its "
                     "bios from the pool the kernel's swap-outs take theirs from, which can run "
@@ -517,6 +523,19 @@ def _warn_swap_placement(store: Store) -> None:
         if not _mounted_with(slots, "lazytime"):
             log.warning("%s is not mounted lazytime: a slot write's timestamp update goes "
                         "through its journal", slots)  # fmt: skip
+
+
+def _loop_backing_file(path: str) -> str | None:
+    """The file behind ``path`` if it is a loop device, else None."""
+    st = os.stat(path)
+    if not stat.S_ISBLK(st.st_mode):
+        return None
+    sysfs = f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/loop/backing_file"
+    try:
+        with open(sysfs) as backing:
+            return backing.read().strip()
+    except OSError:
+        return None
 
 
 def _mounted_with(path: str, option: str) -> bool:

@@ -38,6 +38,11 @@ BLKDISCARD = 0x1277  # _IO(0x12, 119)
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 IOV_MAX = 1024
+# Most pages in one O_DIRECT write to a block device: Linux's BIO_MAX_VECS.  Up to that, a
+# synchronous write is one bio on the kernel stack (6.12 block/fops.c, __blkdev_direct_IO_simple);
+# past it, the bios after the first come from fs_bio_set, the pool swap-out bios come from too
+# (see "Swap placement" in dedupblk/frontends/ublk.py).
+BLOCK_DIO_MAX_PAGES = 256
 ZERO_CHUNK = 1 << 20  # bytes of zeros per write when preallocating
 log = logging.getLogger(__name__)
 
@@ -212,13 +217,15 @@ class Backend:
         self.write_slots([(slot, data)])
 
     def write_slots(self, items: Sequence[tuple[int, bytes]]) -> None:
-        """Write (slot, page) pairs, one ``pwritev`` per run of consecutive slots."""
+        """Write (slot, page) pairs, one ``pwritev`` per run of consecutive slots (a run is cut
+        at `BLOCK_DIO_MAX_PAGES` on a block device, at `IOV_MAX` otherwise)."""
         ordered = sorted(items)
+        most = BLOCK_DIO_MAX_PAGES if self.is_block else IOV_MAX
         i = 0
         while i < len(ordered):
             first = ordered[i][0]
             j = i + 1
-            while j < len(ordered) and ordered[j][0] == first + (j - i) and j - i < IOV_MAX:
+            while j < len(ordered) and ordered[j][0] == first + (j - i) and j - i < most:
                 j += 1
             buffers = [data for _, data in ordered[i:j]]
             try:

@@ -5,11 +5,14 @@ slots are discarded (the loop driver punches its file)."""
 from __future__ import annotations
 
 import errno
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from dedupblk.store import BackendMismatch, StoreFull, check_store, create_store, open_store
+from dedupblk.store.backend import BLOCK_DIO_MAX_PAGES, Backend
 from dedupblk.store.store import read_statistics
 from tests.conftest import SMALL, allocated_bytes, rand_page
 
@@ -77,3 +80,29 @@ def test_a_block_device_holding_another_store_is_refused(
     assert not (tmp_path / "two").exists()
     with open_store(str(tmp_path / "one")) as store:  # still the first store's, intact
         assert store.read(0, P) == rand_page(7)
+
+
+def test_a_long_run_of_slots_is_written_in_bio_sized_pieces(
+    make_loop_device: Callable[[int], tuple[str, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past BLOCK_DIO_MAX_PAGES pages, an O_DIRECT write to a block device takes bios from the
+    # pool swap-outs use; a longer run of consecutive slots is cut into writes of at most that.
+    device, _ = make_loop_device(1 + 600)
+    backend = Backend.create(device, None, b"u" * 16)
+    backend.check_header(b"u" * 16)  # as a store opens it: O_DIRECT from here on
+    sizes: list[int] = []
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: memoryview, offset: int) -> int:
+        sizes.append(len(data) // P)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    pages = {slot: rand_page(slot) for slot in range(1, 601)}
+    try:
+        assert backend.is_block and backend.direct
+        backend.write_slots(list(pages.items()))
+        assert sizes == [BLOCK_DIO_MAX_PAGES, BLOCK_DIO_MAX_PAGES, 600 - 2 * BLOCK_DIO_MAX_PAGES]
+        assert all(backend.read_slot(slot) == page for slot, page in pages.items())
+    finally:
+        backend.close()

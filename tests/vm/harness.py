@@ -759,10 +759,16 @@ def run_in_vm(
     memory_mb: int = 2048,
     scratch_mb: int = 512,
     env: dict[str, str] | None = None,
+    raw_disk_mb: int = 0,
 ) -> VMResult:
     """Prepare the harness if needed and run ``command`` in a fresh VM (see ``Harness.run``)."""
     return Harness.prepare().run(
-        command, timeout=timeout, memory_mb=memory_mb, scratch_mb=scratch_mb, env=env
+        command,
+        timeout=timeout,
+        memory_mb=memory_mb,
+        scratch_mb=scratch_mb,
+        env=env,
+        raw_disk_mb=raw_disk_mb,
     )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from .guest.ublk_checks import RAW_DISK_MB
 from .harness import Harness
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,4 +60,4 @@ def test_swap(vm: Harness) -> None:
     # their own: the raw disk /dev/vdb), with the whole guest out of memory: the hog allocates
     # 1.5 x MemAvailable, no cgroup.
     run_group(vm, "swap", SWAP_CHECKS, timeout=1200, memory_mb=768, scratch_mb=1024,
-              raw_disk_mb=640)  # fmt: skip
+              raw_disk_mb=RAW_DISK_MB)  # fmt: skip
