@@ -68,6 +68,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -522,6 +523,7 @@ class Harness:
         memory_mb: int,
         debug: Debug | None = None,
         raw_disk: Path | None = None,
+        monitor: Path | None = None,
     ) -> list[str]:
         argv = [
             QEMU,
@@ -534,7 +536,8 @@ class Harness:
             "-nic", "none",
             "-kernel", str(self.kernel.vmlinuz),
             "-initrd", str(self.initramfs),
-            "-append", "console=ttyS0 quiet panic=-1" + (" nokaslr" if debug else ""),
+            "-append",
+            "console=ttyS0 quiet panic=-1 sysrq_always_enabled" + (" nokaslr" if debug else ""),
             "-virtfs",
             "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
             "-virtfs",
@@ -542,6 +545,8 @@ class Harness:
         ]  # fmt: skip
         if debug is not None:
             argv += ["-gdb", f"unix:{_qemu_value(debug.gdb_socket)},server=on,wait=off"]
+        if monitor is not None:
+            argv += ["-monitor", f"unix:{_qemu_value(monitor)},server=on,wait=off"]
         if scratch is not None:
             argv += [
                 "-drive",
@@ -647,16 +652,19 @@ class Harness:
                 with raw_disk.open("wb") as image:
                     image.truncate(disks.raw_disk_mb << 20)
             console_path = work / "console.log"
+            monitor = work / "monitor.sock"
             started = time.monotonic()
             with console_path.open("wb") as console_file:
                 qemu = subprocess.Popen(
-                    self.qemu_argv(share, scratch, memory_mb, debug, raw_disk),
+                    self.qemu_argv(share, scratch, memory_mb, debug, raw_disk, monitor),
                     stdin=subprocess.DEVNULL,
                     stdout=console_file,
                     stderr=subprocess.STDOUT,
                 )
                 try:
                     finished = _wait_for_guest(qemu, share / "status", timeout)
+                    if not finished and qemu.poll() is None:
+                        _ask_for_stacks(monitor)
                 finally:
                     if qemu.poll() is None:  # timed out, hung at power-off, or ^C
                         qemu.kill()
@@ -669,7 +677,8 @@ class Harness:
                 raise VMTimeout(
                     f"VM still running after {timeout:g} s, killed.\n"
                     f"command output so far (tail):\n{_tail(output, 20)}\n"
-                    f"console (tail):\n{_tail(_read_console(console_path))}"
+                    f"console (tail, with the stacks SysRq dumped):\n"
+                    f"{_tail(_read_console(console_path), _TIMEOUT_CONSOLE_LINES)}"
                 )
             console = _read_console(console_path)
             boot = _BOOT_MARKER.search(console)
@@ -708,6 +717,31 @@ class _Boot:
     elapsed: float
     boot_seconds: float | None  # None: the command never started
     qemu_exit: int
+
+
+# SysRq keys pressed (through qemu's monitor) in a guest that outlived its timeout, so that its
+# kernel prints on the console what it is doing: 9 = every message level to the console (the
+# guest boots "quiet"), w = every task in uninterruptible sleep with its stack, l = a backtrace
+# of every CPU, m = memory.  Keyboard SysRq needs no task of the guest to run, which a guest
+# hung in memory reclaim may not manage.
+_SYSRQ_KEYS = ("9", "w", "l", "m")
+_SYSRQ_SETTLE = 12.0  # seconds for the dumps to reach the serial console under TCG
+_TIMEOUT_CONSOLE_LINES = 250
+
+
+def _ask_for_stacks(monitor: Path) -> None:
+    """Press the `_SYSRQ_KEYS` in the guest and give its console time to print the dumps."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as hmp:
+            hmp.settimeout(5)
+            hmp.connect(str(monitor))
+            for key in _SYSRQ_KEYS:
+                hmp.sendall(f"sendkey alt-sysrq-{key}\n".encode())
+                time.sleep(1)
+    except OSError as exc:
+        print(f"vm harness: no SysRq dump ({exc})", file=sys.stderr)
+        return
+    time.sleep(_SYSRQ_SETTLE)
 
 
 def _wait_for_guest(qemu: subprocess.Popen[bytes], status: Path, timeout: float) -> bool:
