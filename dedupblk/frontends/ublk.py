@@ -85,7 +85,7 @@ wait on swap writes to this device, so nothing the server waits for may itself w
   ``bio_alloc(..., GFP_NOIO)``).  Under memory pressure those swap-outs fall back on the pool's
   reserve of two, and they are held by requests queued on this device; a slot write then waits
   in ``mempool_alloc`` until a bio of that pool is freed, while most of them are swap-outs
-  waiting for this very server.  A file that
+  waiting for this very server: the suspected cause of the hangs below.  A file that
   must do anyway is created ``--preallocate`` (every block written at create, never punched:
   no block allocation, no unwritten extent to convert) on a filesystem mounted ``lazytime`` (no
   timestamp through the journal).  `check_placement` warns about a file on a disk filesystem.
@@ -94,14 +94,16 @@ wait on swap writes to this device, so nothing the server waits for may itself w
   waiting in ``wbt_wait`` on swap-outs to this device.
 
 Known limit: a userspace server still cannot draw on the kernel's emergency reserves
-(``PF_MEMALLOC``).  With this placement the whole-machine test (group ``swap``) passed 36 runs of
-38 on 2026-11-27/28.  Both hangs came within 20 s of the hog starting, with nothing reported by
-the hung-task detector (it skips killable sleeps and sleeps with a timeout).  In the second, the
-queue thread sat in ``mempool_alloc`` (uninterruptible, two minutes) with swap-outs frozen: a
-kernel memory pool its own I/O draws on was empty.  One candidate is ``fs_bio_set``, which both
-the kernel's swap-out bios (held by requests queued on this device) and O_DIRECT writes to a file
-draw on; O_DIRECT to a block device uses a pool of its own.  Not established.  The tests run the
-hog in a memory cgroup (tests/vm/test_ublk.py::test_swap).
+(``PF_MEMALLOC``).  Measured with the whole guest out of memory (tests/vm/guest/ublk_checks.py: a
+768 MiB guest, a hog of 1.5 x MemAvailable, no cgroup): with the slots on a block device (group
+``swap``, the test CI runs) 24 runs of 24 passed on 2026-11-28; with the slots in a preallocated
+file (group ``swap-file-slots``) 56 of 59 passed on 2026-11-27/28.  Each of those hangs came within
+20 s of the hog starting.  In one, the queue thread sat in ``mempool_alloc`` for two minutes with
+swap-outs frozen; in the others no task of the guest printed anything (no heartbeat, no hung-task
+report).  That the pool is ``fs_bio_set`` is read from the kernel's code (see Slots above), not
+caught in a stack, and 24 clean runs do not prove the block-device placement never hangs: at the
+slot file's rate they would come one time in 3.5 by chance.  A guest that outlives its timeout now
+gets SysRq dumps of its blocked tasks and CPUs (tests/vm/harness.py).
 
 Layouts below were checked against Linux 6.12's include/uapi/linux/ublk_cmd.h; each record is a
 small dataclass with its ``struct`` format beside it.
