@@ -661,10 +661,13 @@ class Harness:
                     stdout=console_file,
                     stderr=subprocess.STDOUT,
                 )
+                dumped = False
                 try:
                     finished = _wait_for_guest(qemu, share / "status", timeout)
-                    if not finished and qemu.poll() is None:
-                        _ask_for_stacks(monitor)
+                    # A command that hangs, not a boot that did (that console says enough).
+                    started_job = _BOOT_MARKER.search(_read_console(console_path))
+                    if not finished and qemu.poll() is None and started_job:
+                        dumped = _ask_for_stacks(monitor)
                 finally:
                     if qemu.poll() is None:  # timed out, hung at power-off, or ^C
                         qemu.kill()
@@ -677,7 +680,7 @@ class Harness:
                 raise VMTimeout(
                     f"VM still running after {timeout:g} s, killed.\n"
                     f"command output so far (tail):\n{_tail(output, 20)}\n"
-                    f"console (tail, with the stacks SysRq dumped):\n"
+                    f"console (tail{', after SysRq dumps' if dumped else ''}):\n"
                     f"{_tail(_read_console(console_path), _TIMEOUT_CONSOLE_LINES)}"
                 )
             console = _read_console(console_path)
@@ -729,8 +732,9 @@ _SYSRQ_SETTLE = 12.0  # seconds for the dumps to reach the serial console under 
 _TIMEOUT_CONSOLE_LINES = 250
 
 
-def _ask_for_stacks(monitor: Path) -> None:
-    """Press the `_SYSRQ_KEYS` in the guest and give its console time to print the dumps."""
+def _ask_for_stacks(monitor: Path) -> bool:
+    """Press the `_SYSRQ_KEYS` in the guest and give its console time to print the dumps.
+    False if qemu's monitor could not be reached."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as hmp:
             hmp.settimeout(5)
@@ -740,8 +744,9 @@ def _ask_for_stacks(monitor: Path) -> None:
                 time.sleep(1)
     except OSError as exc:
         print(f"vm harness: no SysRq dump ({exc})", file=sys.stderr)
-        return
+        return False
     time.sleep(_SYSRQ_SETTLE)
+    return True
 
 
 def _wait_for_guest(qemu: subprocess.Popen[bytes], status: Path, timeout: float) -> bool:

@@ -48,3 +48,15 @@ def test_timeout_kills_the_vm(vm: Harness) -> None:
     # Killed long before the kernel is up: no boot is paid for.
     with pytest.raises(VMTimeout, match=r"(?s)still running after 1 s, killed.*console \(tail\)"):
         vm.run("true", timeout=1, scratch_mb=0)
+
+
+def test_a_command_that_outlives_its_timeout_gets_sysrq_dumps(vm: Harness) -> None:
+    # The job has started (a hang of ours, not of the boot): the kernel is asked, through qemu's
+    # monitor, for its blocked tasks, CPU backtraces and memory before qemu is killed.
+    with pytest.raises(VMTimeout) as raised:
+        vm.run("sleep 600", timeout=60, scratch_mb=0)  # boots in about 6 s
+    message = str(raised.value)
+    assert "after SysRq dumps" in message, message
+    for header in ("sysrq: Show Blocked State", "sysrq: Show backtrace of all active CPUs",
+                   "sysrq: Show Memory", "Mem-Info:"):  # fmt: skip
+        assert header in message, message
