@@ -76,19 +76,20 @@ wait on swap writes to this device, so nothing the server waits for may itself w
   swap store's directory goes on **ramfs**: no writeback at all (the filesystem has none), never
   swapped out, and it survives a crash of the server (not a reboot, which swap does not
   survive either).  tmpfs is refused: its pages can be swapped out to this very device.
-- Slots.  On a **block device** (a partition, an LV, zram).  Slot I/O is ``O_DIRECT``, and
-  ``O_DIRECT`` to a block device takes no bio from a pool anything else draws on (Linux 6.12,
-  block/fops.c: a synchronous request of a few pages uses a bio on the stack, a larger one
-  kmallocs its vector or uses the block layer's own ``blkdev_dio_pool``).  A file on a disk
-  filesystem is the other way round: iomap's direct I/O (ext4, xfs) allocates every bio from
-  ``fs_bio_set`` (``bio_alloc``), the very pool each swap-out bio comes from (mm/page_io.c,
-  ``bio_alloc(..., GFP_NOIO)``).  Under memory pressure those swap-outs fall back on the pool's
-  reserve of two, and they are held by requests queued on this device; a slot write then waits
-  in ``mempool_alloc`` until a bio of that pool is freed, while most of them are swap-outs
-  waiting for this very server: the suspected cause of the hangs below.  A file that
-  must do anyway is created ``--preallocate`` (every block written at create, never punched:
-  no block allocation, no unwritten extent to convert) on a filesystem mounted ``lazytime`` (no
-  timestamp through the journal).  `check_placement` warns about a file on a disk filesystem.
+- Slots.  On a **block device** (a partition, an LV, zram; not a loop device, whose I/O is its
+  file's).  Slot I/O is ``O_DIRECT``, and a synchronous ``O_DIRECT`` write to a block device of up
+  to 256 pages (``BIO_MAX_VECS``, where the backend cuts its writes) is one bio on the kernel
+  stack, its vector kmalloc'd past 4 pages (Linux 6.12, block/fops.c): nothing from a pool the
+  swap-outs use.  A file on a disk filesystem is the other way round: iomap's direct I/O (ext4,
+  xfs) allocates every bio from ``fs_bio_set`` (``bio_alloc``), the very pool each swap-out bio
+  comes from (mm/page_io.c, ``bio_alloc(..., GFP_NOIO)``).  Under memory pressure those swap-outs
+  fall back on the pool's reserve of two, and they are held by requests queued on this device; a
+  slot write then waits in ``mempool_alloc`` until a bio of that pool is freed, while most of them
+  are swap-outs waiting for this very server: the suspected cause of the hangs below.  A file that
+  must do anyway is created ``--preallocate`` (every block written at create, never punched: no
+  block allocation, no unwritten extent to convert) on a filesystem mounted ``lazytime`` (no
+  timestamp through the journal).  `check_placement` warns about a slot file on a disk filesystem
+  and about a loop device.
 - Writeback throttling.  ``--swap`` turns blk-wbt off on the device (see
   `_disable_writeback_throttling`): in a hang with it on, kswapd and the hog were found
   waiting in ``wbt_wait`` on swap-outs to this device.
@@ -511,8 +512,8 @@ def _warn_swap_placement(store: Store) -> None:
     slots = store.backend_path
     backing = _loop_backing_file(slots)
     if backing is not None:
-        log.warning("%s (the slots) is a loop device over %s: its I/O is that file's, with "
-                    "what the warnings for a slot file say (see README, \"Running as swap\")",
+        log.warning("%s (the slots) is a loop device over %s: its I/O goes through that file, "
+                    "as a slot file's does (see README, \"Running as swap\")",
                     slots, backing)  # fmt: skip
     if not stat.S_ISBLK(os.stat(slots).st_mode) and filesystem_type(slots) != RAMFS_MAGIC:
         log.warning("%s (the slots) is a file on a disk filesystem: its O_DIRECT I/O takes its "
