@@ -649,8 +649,7 @@ class Harness:
                 _make_scratch_image(scratch, disks.scratch_mb)
             if disks.raw_disk_mb > 0:
                 raw_disk = work / "raw.img"
-                with raw_disk.open("wb") as image:
-                    image.truncate(disks.raw_disk_mb << 20)
+                _make_sparse_image(raw_disk, disks.raw_disk_mb)
             console_path = work / "console.log"
             monitor = work / "monitor.sock"
             started = time.monotonic()
@@ -665,8 +664,11 @@ class Harness:
                 try:
                     finished = _wait_for_guest(qemu, share / "status", timeout)
                     # A command that hangs, not a boot that did (that console says enough).
-                    started_job = _BOOT_MARKER.search(_read_console(console_path))
-                    if not finished and qemu.poll() is None and started_job:
+                    if (
+                        not finished
+                        and qemu.poll() is None
+                        and _BOOT_MARKER.search(_read_console(console_path))
+                    ):
                         dumped = _ask_for_stacks(monitor)
                 finally:
                     if qemu.poll() is None:  # timed out, hung at power-off, or ^C
@@ -769,10 +771,15 @@ def _wait_for_guest(qemu: subprocess.Popen[bytes], status: Path, timeout: float)
     return True
 
 
-def _make_scratch_image(path: Path, size_mb: int) -> None:
-    """A sparse raw image holding an empty ext4 (formatted here: mke2fs under TCG is slower)."""
+def _make_sparse_image(path: Path, size_mb: int) -> None:
+    """A raw image of ``size_mb`` MiB of zeros that takes no space until written."""
     with path.open("wb") as image:
         image.truncate(size_mb << 20)
+
+
+def _make_scratch_image(path: Path, size_mb: int) -> None:
+    """A sparse raw image holding an empty ext4 (formatted here: mke2fs under TCG is slower)."""
+    _make_sparse_image(path, size_mb)
     mkfs = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
     # Inode tables and journal zeroed now (cheap on a sparse file), so no ext4lazyinit thread
     # writes in the background of a guest benchmark.
