@@ -1,7 +1,7 @@
 """ublk benchmark: the same fio jobs against dedupblk's /dev/ublkbN and the kernel's /dev/zram0.
 
     .venv/bin/python bench/ublk_bench.py [--rounds 2] [--runtime 10] [--size 128M]
-        [--jobs rand-write-dup50,rand-read,dedup-90] [--devices ublk,zram[,ublk-zram]]
+        [--jobs rand-write-dup50,rand-read,dedup-90] [--devices ublk,ublk-minimal,store,zram]
         [--profile] [--json results.json]
 
 One guest boot (tests/vm/harness.py: Debian's 6.12 kernel under qemu TCG, 2 CPUs) runs
@@ -9,10 +9,13 @@ bench/ublk_guest.py, which for every round and job serves a fresh store (on the 
 /scratch) with ``dedupblk serve --frontend ublk`` and then resets /dev/zram0 to the same size,
 running the job file's block-device command line against each in turn (ublk, zram, ublk, zram...).
 TCG makes absolute numbers meaningless; the ratio ublk/zram, measured in the same guest, is the
-figure.  The table shows the median of the rounds.  ``--profile`` adds one cProfiled ublk run of
-the first job (queue threads only) and prints its top functions.  ``--devices
-ublk,zram,ublk-zram`` adds dedupblk with its slots on a second zram device (metadata still on
-/scratch), reported against zram like ublk.
+figure.  The table shows the median of the rounds.  By default two more rows split dedupblk's
+time: ``ublk-minimal`` (bench/minimal_ublk.py: the same frontend over a RAM disk, the ceiling for
+a Python ublk server) and ``store`` (the store alone in the guest, the job's writes issued from
+Python in passes of the job's depth, write jobs only).  Per request, ublk is about ublk-minimal
+plus store (the us/req column).  ``--devices ...,ublk-zram`` adds dedupblk with its slots on a
+second zram device (metadata still on /scratch).  ``--profile`` adds one cProfiled ublk run of
+the first job (queue threads only) and prints its top functions.
 """
 
 from __future__ import annotations
@@ -29,18 +32,19 @@ sys.path.insert(0, str(REPO))
 from tests.vm.harness import Harness  # noqa: E402 -- needs the repository on sys.path first
 
 GUEST = REPO / "bench" / "ublk_guest.py"
+DEVICES = ("ublk", "ublk-zram", "ublk-minimal", "store", "zram")  # as in ublk_guest.py; zram last
 PYTHON = REPO / ".venv" / "bin" / "python"
 RESULT_PREFIX = "RESULT "
 
 
 def print_table(results: list[dict[str, float | str]]) -> None:
     jobs = list(dict.fromkeys(str(r["job"]) for r in results))
-    head = f"{'job':<18} {'device':<15} {'IOPS':>9} {'MiB/s':>8} {'p99 us':>9}"
+    head = f"{'job':<18} {'device':<20} {'IOPS':>9} {'MiB/s':>8} {'p99 us':>9} {'us/req':>8}"
     print(head)
     print("-" * len(head))
     for job in jobs:
         medians: dict[str, dict[str, float]] = {}
-        for device in ("ublk", "ublk-zram", "zram"):
+        for device in DEVICES:
             runs = [r for r in results if r["job"] == job and r["device"] == device]
             if not runs:
                 continue
@@ -49,18 +53,21 @@ def print_table(results: list[dict[str, float | str]]) -> None:
                 for key in ("iops", "mib_s", "p99_us")
             }
             m = medians[device]
-            print(f"{job:<18} {device:<15} {m['iops']:9.0f} {m['mib_s']:8.1f} {m['p99_us']:9.0f}")
+            print(
+                f"{job:<18} {device:<20} {m['iops']:9.0f} {m['mib_s']:8.1f} {m['p99_us']:9.0f} "
+                f"{1e6 / m['iops']:8.1f}"
+            )
         z = medians.get("zram")
-        for device in ("ublk", "ublk-zram"):
+        for device in DEVICES[:-1]:
             u = medians.get(device)
-            if u is None or z is None:
+            if u is None or z is None or device == "store":
                 continue
             print(
-                f"{job:<18} {device + '/zram':<15} {u['iops'] / z['iops']:9.2f} "
+                f"{job:<18} {device + '/zram':<20} {u['iops'] / z['iops']:9.2f} "
                 f"{u['mib_s'] / z['mib_s']:8.2f} {u['p99_us'] / z['p99_us']:9.2f}"
             )
-    print("(median of rounds; ratio = dedupblk / zram: higher is better for IOPS and MiB/s, "
-          "lower for p99)")  # fmt: skip
+    print("(median of rounds; ratio = device / zram: higher is better for IOPS and MiB/s, lower "
+          "for p99; us/req = 1e6 / IOPS; store: the store alone, its p99 is a pass's)")  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
@@ -69,7 +76,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runtime", type=int, default=10, help="seconds per timed job")
     parser.add_argument("--size", default="128M", help="device size and fio SIZE")
     parser.add_argument("--jobs", default="rand-write-dup50,rand-read,dedup-90")
-    parser.add_argument("--devices", default="ublk,zram", help="of ublk, zram, ublk-zram")
+    parser.add_argument(
+        "--devices", default="ublk,ublk-minimal,store,zram", help=f"of {', '.join(DEVICES)}"
+    )
     parser.add_argument("--profile", action="store_true", help="add a cProfiled ublk run")
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--timeout", type=float, default=1800, help="VM timeout, seconds")

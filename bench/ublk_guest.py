@@ -3,7 +3,7 @@
 Runs inside the VM with the project's venv python (bench/ublk_bench.py boots the guest)::
 
     python bench/ublk_guest.py --rounds 2 --size 128M --runtime 10 \
-        --jobs rand-write-dup50,rand-read,dedup-90 [--devices ublk,zram,ublk-zram] [--profile DIR]
+        --jobs rand-write-dup50,rand-read,dedup-90 [--devices ublk,zram,...] [--profile DIR]
 
 For every round, for every job: a fresh store of SIZE on the guest's ext4 /scratch served with
 ``dedupblk serve --frontend ublk``, then a fresh /dev/zram0 of the same size (reset, disksize),
@@ -11,8 +11,11 @@ each running the job file's own command line
 (``SIZE=... RUNTIME=... fio --ioengine=io_uring --direct=1 --filename=DEV FILE``).  Devices
 alternate (ublk, zram, ublk, zram...) so drift in the guest spreads over both.  ``ublk-zram`` is
 dedupblk with its slots on a second zram device (``create --backend /dev/zramN``, the README's
-"compressed too" placement) and its metadata on /scratch as before.  Every measurement
-is printed as one ``RESULT {json}`` line for the host to collect.
+"compressed too" placement) and its metadata on /scratch as before.  Two more show where the
+time goes: ``ublk-minimal`` is bench/minimal_ublk.py, the same ublk frontend over a RAM disk (the
+ceiling for a Python ublk server), and ``store`` is the store alone, driven from this process
+with the job's writes (`store_alone`; no kernel, no frontend).  Every measurement is printed as
+one ``RESULT {json}`` line for the host to collect.
 
 With ``--profile DIR``, one more ublk run of the first job follows the measured rounds with
 ``DEDUPBLK_UBLK_PROFILE=DIR`` (cProfile of each queue thread, see dedupblk/frontends/ublk.py); the
@@ -26,6 +29,8 @@ import functools
 import json
 import os
 import pstats
+import random
+import re
 import shutil
 import signal
 import subprocess
@@ -35,12 +40,19 @@ from pathlib import Path
 
 from fio_report import measure, timed_jobs  # bench/ is sys.path[0] for a script here
 
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout's dedupblk
+from dedupblk.store import PAGE_SIZE, open_store
+
 REPO = Path(__file__).resolve().parent.parent
 JOBS_DIR = REPO / "fio-jobs"
+MINIMAL_SERVER = REPO / "bench" / "minimal_ublk.py"
 SCRATCH = Path("/scratch")
 ZRAM = Path("/sys/block/zram0")
 WORK = Path("/tmp")  # the guest's tmpfs (the repository is read-only)
 RESULT_PREFIX = "RESULT "
+# ublk: dedupblk; ublk-zram: dedupblk with its slots on zram; ublk-minimal: bench/minimal_ublk.py;
+# store: the store alone, in this process (`store_alone`); zram: the kernel's zram.
+DEVICES = ("ublk", "ublk-zram", "ublk-minimal", "store", "zram")
 
 
 def run(argv: list[str], env: dict[str, str] | None = None) -> str:
@@ -55,21 +67,31 @@ def cli(*args: str) -> str:
 
 
 class UblkServer:
-    """A fresh store on /scratch served over ublk (stopped and deleted by `stop`)."""
+    """A fresh store on /scratch served over ublk (stopped and deleted by `stop`); with
+    ``minimal``, bench/minimal_ublk.py's RAM disk instead of a store."""
 
     def __init__(
-        self, size: str, env: dict[str, str] | None = None, backend: str | None = None
+        self,
+        size: str,
+        env: dict[str, str] | None = None,
+        backend: str | None = None,
+        *,
+        minimal: bool = False,
     ) -> None:
         self.store = SCRATCH / "bench-store"
         if self.store.exists():
             shutil.rmtree(self.store)
-        cli("create", str(self.store), "--size", size, *(["--backend", backend] if backend else []))
+        if minimal:
+            argv = [sys.executable, str(MINIMAL_SERVER), size]
+        else:
+            backend_args = ["--backend", backend] if backend else []
+            cli("create", str(self.store), "--size", size, *backend_args)
+            argv = [sys.executable, "-m", "dedupblk.cli", "serve", str(self.store),
+                    "--frontend", "ublk"]  # fmt: skip
         self.log = WORK / "server.log"
         with self.log.open("w") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dedupblk.cli", "serve", str(self.store),
-                 "--frontend", "ublk"],
-                stdout=subprocess.PIPE, stderr=err, text=True, cwd=WORK,
+                argv, stdout=subprocess.PIPE, stderr=err, text=True, cwd=WORK,
                 env=None if env is None else {**os.environ, **env},
             )  # fmt: skip
         assert self.proc.stdout is not None
@@ -83,7 +105,8 @@ class UblkServer:
         code = self.proc.wait()
         if code != 0:
             sys.exit(f"server exit {code}: {self.log.read_text()}")
-        shutil.rmtree(self.store)
+        if self.store.exists():
+            shutil.rmtree(self.store)
 
 
 def zram_reset(size_bytes: int, zram: Path = ZRAM) -> str:
@@ -131,6 +154,12 @@ def one_run(device: str, job: str, args: argparse.Namespace, round_: int) -> Non
     elif device == "ublk-zram":
         server = UblkServer(args.size, backend=backend_zram(parse_size(args.size)))
         dev = server.path
+    elif device == "ublk-minimal":
+        server = UblkServer(args.size, minimal=True)
+        dev = server.path
+    elif device == "store":
+        store_alone(job, args, round_)
+        return
     else:
         dev = zram_reset(parse_size(args.size))
     try:
@@ -144,14 +173,70 @@ def one_run(device: str, job: str, args: argparse.Namespace, round_: int) -> Non
             (ZRAM / "reset").write_text("1\n")
     for report in reports:
         iops, mib, p99 = measure(report)
-        record = {"job": report["jobname"], "device": device, "round": round_, "iops": iops,
-                  "mib_s": mib, "p99_us": p99}  # fmt: skip
-        print(RESULT_PREFIX + json.dumps(record), flush=True)
-        print(
-            f"round {round_ + 1} {record['job']:<18} {device:<5} {iops:8.0f} IOPS "
-            f"{mib:7.1f} MiB/s p99 {p99:8.0f} us ({time.monotonic() - started:.0f} s with set-up)",
-            file=sys.stderr, flush=True,
-        )  # fmt: skip
+        emit(str(report["jobname"]), device, round_, (iops, mib, p99), started)
+
+
+def emit(
+    job: str, device: str, round_: int, figures: tuple[float, float, float], started: float
+) -> None:
+    """One measurement (IOPS, MiB/s, p99 µs): a RESULT line for the host, a progress line."""
+    iops, mib, p99 = figures
+    record = {"job": job, "device": device, "round": round_, "iops": iops, "mib_s": mib,
+              "p99_us": p99}  # fmt: skip
+    print(RESULT_PREFIX + json.dumps(record), flush=True)
+    print(
+        f"round {round_ + 1} {job:<18} {device:<12} {iops:8.0f} IOPS {mib:7.1f} MiB/s "
+        f"p99 {p99:8.0f} us ({time.monotonic() - started:.0f} s with set-up)",
+        file=sys.stderr, flush=True,
+    )  # fmt: skip
+
+
+def store_alone(job: str, args: argparse.Namespace, round_: int) -> None:
+    """The store's share of a write job, without kernel or frontend: the job's 4 KiB random writes
+    (same duplicate share, fio's "repeat" mode: a duplicate repeats the last unique page) put to
+    a fresh store on /scratch from this process, in passes of the job's iodepth with one commit
+    each, as a ublk queue does.  Only the store calls are timed (``runtime`` seconds of them);
+    "p99" is that of a whole pass.  Jobs that are not random writes are skipped."""
+    text = (JOBS_DIR / f"{job}.fio").read_text()
+    if "rw=randwrite" not in text:
+        return
+    started = time.monotonic()
+    dup_match = re.search(r"^dedupe_percentage=(\d+)", text, re.MULTILINE)
+    depth_match = re.search(r"^iodepth=(\d+)", text, re.MULTILINE)
+    duplicates = int(dup_match.group(1)) if dup_match else 0
+    depth = int(depth_match.group(1)) if depth_match else 1
+    size = parse_size(args.size)
+    path = SCRATCH / "bench-store"
+    if path.exists():
+        shutil.rmtree(path)
+    cli("create", str(path), "--size", args.size)
+    rng = random.Random(round_)
+    base = bytearray(rng.randbytes(PAGE_SIZE))
+    buffers = [bytearray(PAGE_SIZE) for _ in range(depth)]
+    views = [memoryview(b) for b in buffers]
+    unique = 0
+    passes: list[float] = []
+    spent = 0.0
+    with open_store(str(path), group_commit=False) as store:
+        while spent < args.runtime:
+            offsets = [rng.randrange(size // PAGE_SIZE) * PAGE_SIZE for _ in range(depth)]
+            for buffer in buffers:
+                if unique == 0 or rng.randrange(100) >= duplicates:
+                    unique += 1
+                    base[:8] = unique.to_bytes(8, "little")
+                buffer[:] = base
+            begin = time.perf_counter()
+            for offset, view in zip(offsets, views, strict=True):
+                store.write(offset, view)
+            store.commit()
+            took = time.perf_counter() - begin
+            passes.append(took)
+            spent += took
+    shutil.rmtree(path)
+    passes.sort()
+    p99 = passes[min(len(passes) - 1, len(passes) * 99 // 100)] * 1e6
+    iops = len(passes) * depth / spent
+    emit(job, "store", round_, (iops, iops * PAGE_SIZE / (1 << 20), p99), started)
 
 
 def profile_run(job: str, args: argparse.Namespace) -> None:
@@ -177,12 +262,12 @@ def main() -> None:
     parser.add_argument("--runtime", type=int, default=10)
     parser.add_argument("--size", default="128M")
     parser.add_argument("--jobs", default="rand-write-dup50,rand-read,dedup-90")
-    parser.add_argument("--devices", default="ublk,zram", help="of ublk, zram, ublk-zram")
+    parser.add_argument("--devices", default="ublk,zram", help=f"of {', '.join(DEVICES)}")
     parser.add_argument("--profile", help="directory for a profiled extra ublk run's dumps")
     args = parser.parse_args()
     jobs = [j for j in args.jobs.split(",") if j]
     devices = [d for d in args.devices.split(",") if d]
-    unknown = set(devices) - {"ublk", "zram", "ublk-zram"}
+    unknown = set(devices) - set(DEVICES)
     if unknown:
         parser.error(f"unknown devices {sorted(unknown)}")
     print(f"guest kernel {os.uname().release}, {os.cpu_count()} CPUs", flush=True)

@@ -129,7 +129,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import ClassVar, Final, Self
+from typing import ClassVar, Final, Protocol, Self
 
 from dedupblk.frontends.io_uring import (
     SETUP_COOP_TASKRUN,
@@ -674,6 +674,28 @@ class Control:
 # -- queues -------------------------------------------------------------------------------------
 
 
+class BlockStore(Protocol):
+    """What a queue asks of its store: `Store` itself, or for `serve_block_store` any object with
+    these methods (``bench/minimal_ublk.py`` serves a RAM disk through them)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def write(
+        self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
+    ) -> None: ...
+
+    def trim(self, offset: int, length: int, *, fua: bool = False) -> None: ...
+
+    def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def flush(self) -> None: ...
+
+
 class _Pass:
     """The requests of one queue pass: every ``[tag, result]``, and those a commit or a flush must
     succeed for."""
@@ -694,7 +716,7 @@ class QueueRunner:
     """
 
     def __init__(
-        self, store: Store, char_fd: int, *, q_id: int, depth: int, buffer_bytes: int
+        self, store: BlockStore, char_fd: int, *, q_id: int, depth: int, buffer_bytes: int
     ) -> None:
         self.store = store
         self.char_fd = char_fd
@@ -1001,19 +1023,23 @@ class _Server:
         # Every pass commits its own batch before answering the kernel: no timed commits.
         with open_store(self.store_path, group_commit=False) as store:
             check_placement(store, swap=self.swap, serving_dev_id=self.recover)
-            with Control() as control:
-                if self.recover is None:
-                    info = self._add_device(control, store)
-                else:
-                    info = self._begin_recovery(control, store)
-                status = 1
-                try:
-                    status = self._serve(store, info)
-                finally:
-                    status = self._remove(control, info) or status
+            return self.run_on(store)
+
+    def run_on(self, store: BlockStore) -> int:
+        """Add (or recover) the device, serve ``store`` until a stop signal, remove it."""
+        with Control() as control:
+            if self.recover is None:
+                info = self._add_device(control, store)
+            else:
+                info = self._begin_recovery(control, store)
+            status = 1
+            try:
+                status = self._serve(store, info)
+            finally:
+                status = self._remove(control, info) or status
         return status
 
-    def _add_device(self, control: Control, store: Store) -> DevInfo:
+    def _add_device(self, control: Control, store: BlockStore) -> DevInfo:
         wanted = Feature.USER_RECOVERY | Feature.USER_RECOVERY_REISSUE | Feature.CMD_IOCTL_ENCODE
         offered = control.features()
         flags = int(wanted) & offered
@@ -1053,7 +1079,7 @@ class _Server:
             raise
         return info
 
-    def _begin_recovery(self, control: Control, store: Store) -> DevInfo:
+    def _begin_recovery(self, control: Control, store: BlockStore) -> DevInfo:
         assert self.recover is not None
         dev_id = self.recover
         info = control.info(dev_id)
@@ -1083,7 +1109,7 @@ class _Server:
         log.info("recovering ublk device %d", dev_id)
         return control.info(dev_id)
 
-    def _serve(self, store: Store, info: DevInfo) -> int:
+    def _serve(self, store: BlockStore, info: DevInfo) -> int:
         self.char_fd = _open_char_device(info.dev_id)
         self.runners = [
             QueueRunner(
@@ -1373,26 +1399,51 @@ def serve(
     Raises `StoreError` (`InvalidRequest` for bad arguments or an unsafe placement, `UblkError`
     for the kernel side) if serving cannot begin.  Must run in the main thread.
     """
-    if queues < 1:
-        raise InvalidRequest(f"bad queue count {queues}: at least 1")
-    if not 1 <= depth <= MAX_QUEUE_DEPTH:
-        raise InvalidRequest(f"bad queue depth {depth}: 1 to {MAX_QUEUE_DEPTH}")
-    if dev_id is not None and not 0 <= dev_id < 1 << 20:
-        raise InvalidRequest(f"bad device id {dev_id}")
+    _check_queues(queues, depth, dev_id)
     if (swap_priority is not None or swap_discard) and not swap:
         raise InvalidRequest("--swap-priority and --swap-discard need --swap")
     if swap_priority is not None and not -1 <= swap_priority <= 32767:
         raise InvalidRequest(f"bad swap priority {swap_priority}: -1 to 32767")
     if recover is not None and dev_id is not None and recover != dev_id:
         raise InvalidRequest("--recover names the device: do not also give a different --dev-id")
-    if threading.current_thread() is not threading.main_thread():
-        raise InvalidRequest("the ublk server must run in the main thread (it waits for signals)")
+    _check_main_thread()
     server = _Server(
         store_path, queues=queues, depth=depth, dev_id=dev_id, swap=swap,
         swap_priority=swap_priority, swap_discard=swap_discard, recover=recover,
     )  # fmt: skip
     with _signals_blocked():
         return server.run()
+
+
+def serve_block_store(
+    store: BlockStore, *, queues: int = 1, depth: int = 64, dev_id: int | None = None
+) -> int:
+    """Serve any `BlockStore` as /dev/ublkbN the way `serve` serves a dedupblk store, without
+    swap, recovery or placement checks; for ``bench/minimal_ublk.py``, whose RAM disk measures
+    what this frontend costs on its own.  Same output, signals and exit code as `serve`."""
+    _check_queues(queues, depth, dev_id)
+    _check_main_thread()
+    server = _Server(
+        "", queues=queues, depth=depth, dev_id=dev_id, swap=False, swap_priority=None,
+        swap_discard=False, recover=None,
+    )  # fmt: skip
+    with _signals_blocked():
+        _harden_process(strict=False)
+        return server.run_on(store)
+
+
+def _check_queues(queues: int, depth: int, dev_id: int | None) -> None:
+    if queues < 1:
+        raise InvalidRequest(f"bad queue count {queues}: at least 1")
+    if not 1 <= depth <= MAX_QUEUE_DEPTH:
+        raise InvalidRequest(f"bad queue depth {depth}: 1 to {MAX_QUEUE_DEPTH}")
+    if dev_id is not None and not 0 <= dev_id < 1 << 20:
+        raise InvalidRequest(f"bad device id {dev_id}")
+
+
+def _check_main_thread() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        raise InvalidRequest("the ublk server must run in the main thread (it waits for signals)")
 
 
 # -- device listing -----------------------------------------------------------------------------
