@@ -15,32 +15,42 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = str(Path(__file__).resolve().parent.parent)
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
 
-from dedupblk.frontends.ublk import serve_block_store
-from dedupblk.store import parse_size
+from dedupblk.frontends.ublk import serve_block_store  # noqa: E402 -- after the path
+from dedupblk.store import InvalidRequest, parse_size  # noqa: E402
 
 
 class RamDisk:
-    """A `BlockStore` in a bytearray: reads and writes copy, nothing else."""
+    """A `BlockStore` in a bytearray: a range check, then one copy, nothing else."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.disk = bytearray(size)
+        self.view = memoryview(self.disk)
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise InvalidRequest(f"{length} bytes at {offset} are outside {self.size} bytes")
 
     def read(self, offset: int, length: int) -> bytes:
-        return bytes(self.disk[offset : offset + length])
+        self._check(offset, length)
+        return bytes(self.view[offset : offset + length])
 
     def write(
         self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
     ) -> None:
-        self.disk[offset : offset + len(data)] = data
+        self._check(offset, len(data))
+        self.view[offset : offset + len(data)] = data
 
     def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
-        self.disk[offset : offset + length] = bytes(length)
+        self.write_zeroes(offset, length)
 
     def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
-        self.disk[offset : offset + length] = bytes(length)
+        self._check(offset, length)
+        self.view[offset : offset + length] = bytes(length)
 
     def commit(self) -> None:
         pass

@@ -37,6 +37,13 @@ PYTHON = REPO / ".venv" / "bin" / "python"
 RESULT_PREFIX = "RESULT "
 
 
+def _ratio(numerator: float, denominator: float, spec: str) -> str:
+    """``numerator / denominator`` formatted with ``spec``, or a dash in its width for a zero."""
+    if not denominator:
+        return "-".rjust(int(spec.split(".", maxsplit=1)[0]))
+    return format(numerator / denominator, spec)
+
+
 def print_table(results: list[dict[str, float | str]]) -> None:
     jobs = list(dict.fromkeys(str(r["job"]) for r in results))
     head = f"{'job':<18} {'device':<20} {'IOPS':>9} {'MiB/s':>8} {'p99 us':>9} {'us/req':>8}"
@@ -55,7 +62,7 @@ def print_table(results: list[dict[str, float | str]]) -> None:
             m = medians[device]
             print(
                 f"{job:<18} {device:<20} {m['iops']:9.0f} {m['mib_s']:8.1f} {m['p99_us']:9.0f} "
-                f"{1e6 / m['iops']:8.1f}"
+                f"{_ratio(1e6, m['iops'], '8.1f')}"
             )
         z = medians.get("zram")
         for device in DEVICES[:-1]:
@@ -63,8 +70,9 @@ def print_table(results: list[dict[str, float | str]]) -> None:
             if u is None or z is None or device == "store":
                 continue
             print(
-                f"{job:<18} {device + '/zram':<20} {u['iops'] / z['iops']:9.2f} "
-                f"{u['mib_s'] / z['mib_s']:8.2f} {u['p99_us'] / z['p99_us']:9.2f}"
+                f"{job:<18} {device + '/zram':<20} {_ratio(u['iops'], z['iops'], '9.2f')} "
+                f"{_ratio(u['mib_s'], z['mib_s'], '8.2f')} "
+                f"{_ratio(u['p99_us'], z['p99_us'], '9.2f')}"
             )
     print("(median of rounds; ratio = device / zram: higher is better for IOPS and MiB/s, lower "
           "for p99; us/req = 1e6 / IOPS; store: the store alone, its p99 is a pass's)")  # fmt: skip
@@ -83,6 +91,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--timeout", type=float, default=1800, help="VM timeout, seconds")
     args = parser.parse_args(argv)
+    if args.runtime <= 0:
+        parser.error("--runtime must be at least 1 second")
     if not PYTHON.exists():
         parser.error(f"{PYTHON} is missing: run `make setup` first")
     command = (

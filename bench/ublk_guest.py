@@ -25,12 +25,13 @@ top functions are printed.  Its numbers are not part of the results (cProfile sl
 from __future__ import annotations
 
 import argparse
+import configparser
 import functools
 import json
+import math
 import os
 import pstats
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -191,26 +192,40 @@ def emit(
     )  # fmt: skip
 
 
+def write_job(job: str) -> tuple[int, int] | None:
+    """(duplicate percent, iodepth) of a job file whose one job is 4 KiB random writes, else
+    None.  [global] options count; fio's own defaults fill the rest (iodepth 1, no duplicates)."""
+    parser = configparser.ConfigParser(allow_no_value=True, interpolation=None)
+    parser.read(JOBS_DIR / f"{job}.fio")
+    sections = [name for name in parser.sections() if name != "global"]
+    if len(sections) != 1:
+        return None
+    options = parser[sections[0]]  # falls back to [global]
+    if options.get("rw") != "randwrite" or options.get("bs", "4k").lower() != "4k":
+        return None
+    return int(options.get("dedupe_percentage", "0")), int(options.get("iodepth", "1"))
+
+
 def store_alone(job: str, args: argparse.Namespace, round_: int) -> None:
     """The store's share of a write job, without kernel or frontend: the job's 4 KiB random writes
-    (same duplicate share, fio's "repeat" mode: a duplicate repeats the last unique page) put to
-    a fresh store on /scratch from this process, in passes of the job's iodepth with one commit
-    each, as a ublk queue does.  Only the store calls are timed (``runtime`` seconds of them);
-    "p99" is that of a whole pass.  Jobs that are not random writes are skipped."""
-    text = (JOBS_DIR / f"{job}.fio").read_text()
-    if "rw=randwrite" not in text:
+    put to a fresh store on /scratch from this process, in passes of the job's iodepth with one
+    commit each, as a ublk queue does.  Like fio (randrepeat=0, its random map on) the offsets
+    visit every page once, in random order, before any is written again; like fio's "repeat"
+    dedupe mode a duplicate repeats the last unique page.  Only the store calls are timed
+    (``runtime`` seconds of them), without the server's mlockall; "p99" is that of a whole pass.
+    Jobs that are not one 4 KiB random-write job are skipped."""
+    shape = write_job(job)
+    if shape is None:
         return
+    duplicates, depth = shape
     started = time.monotonic()
-    dup_match = re.search(r"^dedupe_percentage=(\d+)", text, re.MULTILINE)
-    depth_match = re.search(r"^iodepth=(\d+)", text, re.MULTILINE)
-    duplicates = int(dup_match.group(1)) if dup_match else 0
-    depth = int(depth_match.group(1)) if depth_match else 1
-    size = parse_size(args.size)
     path = SCRATCH / "bench-store"
     if path.exists():
         shutil.rmtree(path)
     cli("create", str(path), "--size", args.size)
     rng = random.Random(round_)
+    order: list[int] = []
+    pages = parse_size(args.size) // PAGE_SIZE
     base = bytearray(rng.randbytes(PAGE_SIZE))
     buffers = [bytearray(PAGE_SIZE) for _ in range(depth)]
     views = [memoryview(b) for b in buffers]
@@ -219,8 +234,12 @@ def store_alone(job: str, args: argparse.Namespace, round_: int) -> None:
     spent = 0.0
     with open_store(str(path), group_commit=False) as store:
         while spent < args.runtime:
-            offsets = [rng.randrange(size // PAGE_SIZE) * PAGE_SIZE for _ in range(depth)]
+            offsets = []
             for buffer in buffers:
+                if not order:
+                    order = list(range(pages))
+                    rng.shuffle(order)
+                offsets.append(order.pop() * PAGE_SIZE)
                 if unique == 0 or rng.randrange(100) >= duplicates:
                     unique += 1
                     base[:8] = unique.to_bytes(8, "little")
@@ -234,7 +253,7 @@ def store_alone(job: str, args: argparse.Namespace, round_: int) -> None:
             spent += took
     shutil.rmtree(path)
     passes.sort()
-    p99 = passes[min(len(passes) - 1, len(passes) * 99 // 100)] * 1e6
+    p99 = passes[math.ceil(len(passes) * 0.99) - 1] * 1e6
     iops = len(passes) * depth / spent
     emit(job, "store", round_, (iops, iops * PAGE_SIZE / (1 << 20), p99), started)
 
@@ -265,6 +284,8 @@ def main() -> None:
     parser.add_argument("--devices", default="ublk,zram", help=f"of {', '.join(DEVICES)}")
     parser.add_argument("--profile", help="directory for a profiled extra ublk run's dumps")
     args = parser.parse_args()
+    if args.runtime <= 0:
+        parser.error("--runtime must be at least 1 second")
     jobs = [j for j in args.jobs.split(",") if j]
     devices = [d for d in args.devices.split(",") if d]
     unknown = set(devices) - set(DEVICES)

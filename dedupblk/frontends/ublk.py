@@ -992,7 +992,7 @@ class _Starter:
 class _Server:
     def __init__(
         self,
-        store_path: str,
+        store_path: str | None,  # None: `run_on` only (`serve_block_store`)
         *,
         queues: int,
         depth: int,
@@ -1019,6 +1019,7 @@ class _Server:
 
     # The whole life cycle; see the module docstring.
     def run(self) -> int:
+        assert self.store_path is not None
         _harden_process(strict=self.swap)
         # Every pass commits its own batch before answering the kernel: no timed commits.
         with open_store(self.store_path, group_commit=False) as store:
@@ -1422,9 +1423,11 @@ def serve_block_store(
     swap, recovery or placement checks; for ``bench/minimal_ublk.py``, whose RAM disk measures
     what this frontend costs on its own.  Same output, signals and exit code as `serve`."""
     _check_queues(queues, depth, dev_id)
+    if store.size <= 0 or store.size % PAGE_SIZE:
+        raise InvalidRequest(f"bad size {store.size}: a positive multiple of {PAGE_SIZE}")
     _check_main_thread()
     server = _Server(
-        "", queues=queues, depth=depth, dev_id=dev_id, swap=False, swap_priority=None,
+        None, queues=queues, depth=depth, dev_id=dev_id, swap=False, swap_priority=None,
         swap_discard=False, recover=None,
     )  # fmt: skip
     with _signals_blocked():

@@ -3,10 +3,13 @@ disk (the ceiling the ublk benchmark measures), without a kernel; the VM tier ru
 
 from __future__ import annotations
 
+import errno
 import importlib.util
+import signal
 import threading
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -18,7 +21,7 @@ from tests.unit.test_ublk_requests import BUFFER, DEPTH, P
 MINIMAL = Path(__file__).resolve().parents[2] / "bench" / "minimal_ublk.py"
 
 
-def _minimal_ublk() -> ModuleType:
+def _load_minimal_ublk() -> ModuleType:
     spec = importlib.util.spec_from_file_location("minimal_ublk", MINIMAL)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -26,8 +29,22 @@ def _minimal_ublk() -> ModuleType:
     return module
 
 
+RamDisk: Any = _load_minimal_ublk().RamDisk
+
+
+@pytest.fixture
+def no_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing may harden this process or talk to /dev/ublk-control."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("reached the device")
+
+    monkeypatch.setattr(ublk, "_harden_process", refuse)
+    monkeypatch.setattr(ublk, "Control", refuse)
+
+
 def test_a_queue_serves_the_ram_disk_like_a_store() -> None:
-    disk = _minimal_ublk().RamDisk(64 * P)
+    disk = RamDisk(64 * P)
     runner = ublk.QueueRunner(disk, -1, q_id=0, depth=DEPTH, buffer_bytes=BUFFER)
     descs = (ublk.ctypes.c_char * (DEPTH * ublk.IO_DESC.size))()
     memory = memoryview(bytearray(DEPTH * BUFFER))
@@ -43,34 +60,39 @@ def test_a_queue_serves_the_ram_disk_like_a_store() -> None:
     data = rand_page(1) + rand_page(2)
     views[0][: len(data)] = data
     assert run_pass([(ublk.UBLK_IO_OP_WRITE, 3 * P, 2 * P)]) == {0: 2 * P}
-    assert (
-        run_pass([(ublk.UBLK_IO_OP_DISCARD, 4 * P, P), (ublk.UBLK_IO_OP_READ, 3 * P, 2 * P)])[1]
-        == 2 * P
-    )
+    discard_then_read = [(ublk.UBLK_IO_OP_DISCARD, 4 * P, P), (ublk.UBLK_IO_OP_READ, 3 * P, 2 * P)]
+    assert run_pass(discard_then_read) == {0: 0, 1: 2 * P}
     assert bytes(views[1][: 2 * P]) == data[:P] + bytes(P)
-    assert run_pass([(ublk.UBLK_IO_OP_READ, 63 * P, 2 * P)])[0] < 0  # past the end: an errno
+    past_the_end = [(ublk.UBLK_IO_OP_READ, 63 * P, 2 * P), (ublk.UBLK_IO_OP_WRITE, 63 * P, 2 * P)]
+    assert run_pass(past_the_end) == {0: -errno.EINVAL, 1: -errno.EINVAL}
+    assert len(disk.disk) == 64 * P
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("kwargs", "size", "message"),
     [
-        ({"queues": 0}, "bad queue count"),
-        ({"depth": 0}, "bad queue depth"),
-        ({"dev_id": -1}, "bad device id"),
+        ({"queues": 0}, P, "bad queue count"),
+        ({"depth": 0}, P, "bad queue depth"),
+        ({"dev_id": -1}, P, "bad device id"),
+        ({}, 0, "bad size"),
+        ({}, P + 512, "bad size"),
     ],
 )
-def test_serve_block_store_refuses_bad_arguments(kwargs: dict[str, int], message: str) -> None:
-    disk = _minimal_ublk().RamDisk(P)
+@pytest.mark.usefixtures("no_device")
+def test_serve_block_store_refuses_bad_arguments(
+    kwargs: dict[str, int], size: int, message: str
+) -> None:
     with pytest.raises(InvalidRequest, match=message):
-        ublk.serve_block_store(disk, **kwargs)
+        ublk.serve_block_store(RamDisk(size), **kwargs)
 
 
+@pytest.mark.usefixtures("no_device")
 def test_serve_block_store_must_run_in_the_main_thread() -> None:
     errors: list[BaseException] = []
 
     def serve() -> None:
         try:
-            ublk.serve_block_store(_minimal_ublk().RamDisk(P))
+            ublk.serve_block_store(RamDisk(P))
         except BaseException as exc:
             errors.append(exc)
 
@@ -80,3 +102,27 @@ def test_serve_block_store_must_run_in_the_main_thread() -> None:
     assert len(errors) == 1
     assert isinstance(errors[0], InvalidRequest)
     assert "main thread" in str(errors[0])
+
+
+def test_serve_block_store_hardens_then_serves_the_store_with_signals_blocked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[str, object]] = []
+
+    def harden(*, strict: bool) -> None:
+        calls.append(("harden", strict))
+        assert signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+    def run_on(server: ublk._Server, store: object) -> int:
+        calls.append(("run_on", store))
+        assert (server.queues, server.depth, server.dev_id) == (2, 16, 7)
+        assert not server.swap
+        assert server.recover is None
+        return 3
+
+    monkeypatch.setattr(ublk, "_harden_process", harden)
+    monkeypatch.setattr(ublk._Server, "run_on", run_on)
+    disk = RamDisk(P)
+    assert ublk.serve_block_store(disk, queues=2, depth=16, dev_id=7) == 3
+    assert calls == [("harden", False), ("run_on", disk)]
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
