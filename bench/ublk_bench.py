@@ -29,10 +29,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from ublk_guest import DEVICES  # noqa: E402 -- bench/ is sys.path[0] for a script here
+
 from tests.vm.harness import Harness  # noqa: E402 -- needs the repository on sys.path first
 
 GUEST = REPO / "bench" / "ublk_guest.py"
-DEVICES = ("ublk", "ublk-zram", "ublk-minimal", "store", "zram")  # as in ublk_guest.py; zram last
 PYTHON = REPO / ".venv" / "bin" / "python"
 RESULT_PREFIX = "RESULT "
 
@@ -65,9 +66,9 @@ def print_table(results: list[dict[str, float | str]]) -> None:
                 f"{_ratio(1e6, m['iops'], '8.1f')}"
             )
         z = medians.get("zram")
-        for device in DEVICES[:-1]:
+        for device in DEVICES:
             u = medians.get(device)
-            if u is None or z is None or device == "store":
+            if u is None or z is None or device in ("store", "zram"):
                 continue
             print(
                 f"{job:<18} {device + '/zram':<20} {_ratio(u['iops'], z['iops'], '9.2f')} "

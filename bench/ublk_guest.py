@@ -52,7 +52,8 @@ ZRAM = Path("/sys/block/zram0")
 WORK = Path("/tmp")  # the guest's tmpfs (the repository is read-only)
 RESULT_PREFIX = "RESULT "
 # ublk: dedupblk; ublk-zram: dedupblk with its slots on zram; ublk-minimal: bench/minimal_ublk.py;
-# store: the store alone, in this process (`store_alone`); zram: the kernel's zram.
+# store: the store alone, in this process (`store_alone`); zram: the kernel's zram.  In this order
+# in bench/ublk_bench.py's table.
 DEVICES = ("ublk", "ublk-zram", "ublk-minimal", "store", "zram")
 
 
