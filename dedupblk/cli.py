@@ -15,22 +15,16 @@ from typing import Any
 
 import click
 
-from .store import (
-    InvalidRequest,
-    StoreError,
-    check_store,
-    create_store,
-    open_store,
-    parse_size,
-    read_statistics,
-)
+from .errors import DedupblkError, InvalidRequest
+from .sizes import parse_size
+from .store import check_store, create_store, open_store, read_statistics
 
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except StoreError as exc:
+        except DedupblkError as exc:
             click.echo(f"dedupblk: {exc}", err=True)
             ctx.exit(exc.exit_code)
 

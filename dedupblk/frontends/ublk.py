@@ -140,7 +140,8 @@ from dedupblk.frontends.io_uring import (
     IoUring,
     Mapping,
 )
-from dedupblk.store import PAGE_SIZE, InvalidRequest, Store, StoreError, open_store
+from dedupblk.errors import DedupblkError, InvalidRequest, UblkError
+from dedupblk.store import PAGE_SIZE, Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -375,23 +376,12 @@ assert IO_CMD.size == 16
 # -- errors -------------------------------------------------------------------------------------
 
 
-class UblkError(StoreError):
-    """The ublk side failed: no driver, a control command refused, a queue that could not start.
-
-    A frontend error, but a `StoreError` so that the CLI's one translation (message, errno, exit
-    code) covers it too.
-    """
-
-    errno = errno.ENODEV
-    exit_code = 1
-
-
 def errno_result(exc: BaseException, request: str) -> int:
     """The one place a failed request becomes its ublk result: a negative errno.
 
-    A `StoreError` carries its errno.  Anything else is a bug: EIO, with the traceback logged.
+    A `DedupblkError` carries its errno.  Anything else is a bug: EIO, with the traceback logged.
     """
-    if isinstance(exc, StoreError):
+    if isinstance(exc, DedupblkError):
         log.warning("%s failed: %s", request, exc)
         return -(exc.errno or errno.EIO)
     log.error("%s failed unexpectedly", request, exc_info=exc)
@@ -399,9 +389,7 @@ def errno_result(exc: BaseException, request: str) -> int:
 
 
 def _command_error(op: CtrlOp, dev_id: int, res: int) -> UblkError:
-    error = UblkError(f"ublk {op.name} for device {dev_id}: {os.strerror(-res)}")
-    error.errno = -res  # type: ignore[misc]  # the instance carries the kernel's errno
-    return error
+    return UblkError(f"ublk {op.name} for device {dev_id}: {os.strerror(-res)}", errno=-res)
 
 
 # -- libc helpers -------------------------------------------------------------------------------

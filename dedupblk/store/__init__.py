@@ -1,11 +1,12 @@
 """The dedup store: pages of a block device mapped to refcounted, deduplicated slots.
 
 Pure core: imports nothing from nbdkit, io_uring, click or any frontend. The on-disk format is
-specified in `dedupblk.store.format`.
+specified in `dedupblk.store.format`; the modules, each importing only those before it:
+`format`, `fingerprint`, `meta` (LMDB), `backend` (slots), `lock`, `create`, `batch` (one
+commit), `stats`, `check` (named invariants), `store` (the `Store` API).
 """
 
-from .check import CheckResult, Problem, check_store
-from .errors import (
+from ..errors import (
     BackendError,
     BackendMismatch,
     FormatError,
@@ -17,15 +18,11 @@ from .errors import (
     StoreFull,
     StoreLocked,
 )
+from .check import CheckResult, Problem
+from .create import create_store
 from .format import PAGE_SIZE, Config
-from .store import (
-    Statistics,
-    Store,
-    create_store,
-    open_store,
-    parse_size,
-    read_statistics,
-)
+from .stats import Statistics, read_statistics
+from .store import Store, check_store, open_store
 
 __all__ = [
     "PAGE_SIZE",
@@ -47,6 +44,5 @@ __all__ = [
     "check_store",
     "create_store",
     "open_store",
-    "parse_size",
     "read_statistics",
 ]

@@ -23,7 +23,7 @@ import struct
 import threading
 from collections.abc import Iterable, Sequence
 
-from .errors import BackendError, BackendMismatch, StoreFull
+from ..errors import BackendError, BackendMismatch, StoreFull
 from .format import (
     BACKEND_HEADER,
     BACKEND_MAGIC,

@@ -5,12 +5,12 @@ Each check reads one snapshot of the metadata (and the slots it must hash) and r
 fingerprints (rehashed), the free list (every unreferenced slot), the index and age records (entries
 that do not name a live slot holding their content are dropped) and the counters. Mappings that lie
 outside the device or the backend are dropped (those pages then read as zeros) and reported.
-Checking takes the store's lock (shared; exclusive for repair), so it never races a writer.
+The checks run on an open store (`Store.check`), under its lock: shared for a check, exclusive
+for a repair, so they never race a writer.
 """
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,7 +33,6 @@ from .format import (
     slot_key,
 )
 from .meta import Meta
-from .store import DATA_FILE, _StoreLock
 
 Progress = Callable[[int], None]
 
@@ -66,8 +65,8 @@ def _items(txn: Any, db: Any) -> Iterator[tuple[bytes, bytes]]:
     yield from txn.cursor(db=db).iternext(keys=True, values=True)
 
 
-def read_snapshot(meta: Meta, backend: Backend, store_dir: str) -> Snapshot:
-    config, state = meta.read_header(store_dir)
+def read_snapshot(meta: Meta, backend: Backend) -> Snapshot:
+    config, state = meta.read_header()
     with meta.env.begin(buffers=False) as txn:
         return Snapshot(
             config=config,
@@ -281,47 +280,18 @@ class CheckResult:
     checks: tuple[str, ...]
 
 
-def check_store(
-    path: str | os.PathLike[str],
-    *,
-    repair: bool = False,
-    progress: Progress | None = None,
-    on_total: Callable[[int], None] | None = None,
-) -> CheckResult:
-    """Run every named check. With ``repair``, fix what was found from the map and return the
-    problems that the repair fixed (a second check should then be clean)."""
-    store_dir = os.fspath(path)
-    from .store import open_store  # noqa: PLC0415  (the lock and header checks of a full open)
-
-    # A full open proves the store is ours (format, backend header) and takes the right lock.
-    with open_store(store_dir, readonly=not repair) as store:
-        config = store.config
-    lock = _StoreLock(store_dir, exclusive=repair)
-    try:
-        meta = Meta(store_dir, readonly=not repair)
-        backend = Backend(config.backend or os.path.join(store_dir, DATA_FILE), readonly=True)
-        try:
-            return run_checks(
-                meta, backend, store_dir, repair=repair, progress=progress, on_total=on_total
-            )
-        finally:
-            backend.close()
-            meta.close()
-    finally:
-        lock.release()
-
-
 def run_checks(
     meta: Meta,
     backend: Backend,
-    store_dir: str,
     *,
     repair: bool = False,
     progress: Progress | None = None,
     on_total: Callable[[int], None] | None = None,
 ) -> CheckResult:
-    """The named checks over an open environment and backend (the caller holds the lock)."""
-    snap = read_snapshot(meta, backend, store_dir)
+    """Run every named check over an open environment and backend (the caller holds the store's
+    lock). With ``repair``, fix what was found from the map and return the problems the repair
+    fixed (a second check should then be clean)."""
+    snap = read_snapshot(meta, backend)
     if on_total is not None:
         on_total(work_units(snap))
     report = progress or (lambda _n: None)

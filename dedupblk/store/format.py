@@ -123,6 +123,11 @@ PageNo = NewType("PageNo", int)
 SlotNo = NewType("SlotNo", int)
 Fingerprint = NewType("Fingerprint", bytes)
 
+# Files of the store directory (see "Store directory").
+META_DIR = "meta"
+DATA_FILE = "slots"
+LOCK_FILE = "lock"
+
 # Sub-database names.
 DB_INFO = b"info"
 DB_MAP = b"map"

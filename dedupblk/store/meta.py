@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from .errors import FormatError, NotAStore, StoreError, StoreFull
+from ..errors import FormatError, NotAStore, StoreError, StoreFull
 from .format import (
     ALL_DBS,
     DB_AGE,
@@ -35,6 +35,7 @@ from .format import (
     KEY_FORMAT,
     KEY_PREALLOC,
     KEY_STATE,
+    META_DIR,
     PREALLOC,
     Config,
     State,
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 # LMDB forbids opening one environment twice in a process, so statistics taken while this process
 # serves the store must reuse the open environment: the only module-level state in the store.
 _OPEN: dict[str, Meta] = {}
-META_DIR = "meta"
 T = TypeVar("T")
 
 
@@ -93,6 +93,7 @@ class Meta:
             self.env.close()
             raise NotAStore(f"{store_dir} is not a dedupblk store (no sub-databases)") from None
         self._key = os.path.realpath(path)
+        self.store_dir = store_dir
         if not readonly:
             try:
                 self._reserve(self.env.info()["map_size"])
@@ -132,7 +133,8 @@ class Meta:
         """The environment of ``store_dir`` if this process has it open."""
         return _OPEN.get(os.path.realpath(os.path.join(store_dir, META_DIR)))
 
-    def read_header(self, store_dir: str) -> tuple[Config, State]:
+    def read_header(self) -> tuple[Config, State]:
+        store_dir = self.store_dir
         """Decode format, config and state; refuse a foreign or newer store."""
         with self.env.begin() as txn:
             raw_format = txn.get(KEY_FORMAT, db=self.info)

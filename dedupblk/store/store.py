@@ -15,59 +15,42 @@ Every public method takes the store's lock, so any thread may call any method.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import itertools
 import logging
 import os
-import stat
 import threading
 import time
-import uuid as uuidlib
-from dataclasses import dataclass
+from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .backend import Backend, fill_holes
-from .errors import (
+from ..errors import (
     BackendMismatch,
     InvalidRequest,
     NotAStore,
     ReadOnlyStore,
     StoreError,
-    StoreExists,
     StoreFull,
-    StoreLocked,
 )
+from .backend import Backend
+from .batch import ZERO_PENDING, Batch, Pending
+from .check import CheckResult, Progress, run_checks
 from .fingerprint import DATA, FILL, ZERO, ZERO_PAGE, FingerprintFn, classify, fill_page, xxh3_128
 from .format import (
-    DEFAULT_MAX_SHARE,
-    FINGERPRINT_XXH3_128,
-    FIRST_DATA_SLOT,
-    FORMAT,
-    FORMAT_MAGIC,
-    FORMAT_VERSION,
-    INDEX_ENTRY,
-    KEY_CONFIG,
-    KEY_FORMAT,
-    KEY_PREALLOC,
+    DATA_FILE,
     KEY_STATE,
-    KIND_FILL,
     KIND_SLOT,
     MAP_ENTRY,
+    META_DIR,
     PAGE_SHIFT,
     PAGE_SIZE,
-    PREALLOC,
-    REF,
     U64BE,
-    Config,
     State,
     key_int,
 )
-from .meta import META_DIR, Meta
-
-if TYPE_CHECKING:
-    from .check import Problem
+from .lock import StoreLock
+from .meta import Meta
+from .stats import Statistics, statistics_of
 
 log = logging.getLogger(__name__)
 
@@ -75,213 +58,9 @@ GROUP_PAGES = 1024  # pages buffered before a commit (4 MiB)
 GROUP_SECONDS = 0.05  # longest a buffered page waits for its commit
 DEFERRED_LIMIT = 1 << 16  # freed-but-not-durable slots before a commit forces a flush
 SLOT_CACHE_PAGES = 1024  # slot contents kept for verifying duplicates (4 MiB)
-DATA_FILE = "slots"
-META_PREALLOC_PER_PAGE = 256  # bytes of data.mdb preallocated per page of the device
-META_PREALLOC_MIN = 1 << 20
-LOCK_FILE = "lock"
 
-# A pending page: (kind, fill word, page bytes for DATA).
-Pending = tuple[int, int, bytes | None]
-_ZERO_PENDING: Pending = (ZERO, 0, None)
 _pack_u64 = U64BE.pack
 _unpack_map = MAP_ENTRY.unpack
-_pack_map = MAP_ENTRY.pack
-_unpack_ref = REF.unpack
-_pack_ref = REF.pack
-_unpack_index = INDEX_ENTRY.unpack
-_pack_index = INDEX_ENTRY.pack
-
-
-@dataclass(frozen=True)
-class Statistics:
-    """A consistent snapshot of a store's usage (the JSON keys of ``dedupblk stats``)."""
-
-    size_bytes: int
-    page_size: int
-    mapped_pages: int
-    same_filled_pages: int
-    stored_pages: int
-    index_entries: int
-    dedup_ratio: float
-    saved_bytes: int
-    data_bytes: int
-    metadata_bytes: int
-
-
-def parse_size(text: str) -> int:
-    """Bytes from ``4096``, ``64K``, ``512M``, ``2G``, ``1T`` (binary units)."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    value = text.strip().upper().removesuffix("IB").removesuffix("B")
-    suffix = value[-1:] if value[-1:] in units else ""
-    number = value[: len(value) - len(suffix)]
-    if not number.isdigit():
-        raise InvalidRequest(f"bad size {text!r}: expected a number with an optional K/M/G/T")
-    return int(number) * units[suffix]
-
-
-def create_store(
-    path: str | os.PathLike[str],
-    size: int,
-    *,
-    backend: str | None = None,
-    backend_size: int | None = None,
-    max_index_entries: int | None = None,
-    max_share: int = DEFAULT_MAX_SHARE,
-    preallocate: bool = False,
-    meta_size: int | None = None,
-    reuse_backend: bool = False,
-) -> None:
-    """Create an empty store of ``size`` bytes at ``path`` (a new or empty directory).
-
-    ``backend`` names a file or block device to hold the slots instead of ``path/slots``;
-    ``backend_size`` sets the capacity of a new data file (default: the header slot, the device
-    size and a quarter more; the file is sparse). If creation fails part-way, the partial
-    directory is removed; an existing store is never touched.
-
-    ``preallocate`` (for swap; see "Preallocated stores" in the format) writes every block of
-    the store's files with zeros before returning: the data file in full (a block device
-    backend needs nothing) and LMDB's ``data.mdb`` up to ``meta_size`` bytes (default
-    `default_meta_size`), so that serving allocates no file block while the metadata fits.
-
-    A backend that already holds a store's slots (its header says so) is refused, unless
-    ``reuse_backend``: then its old contents are abandoned (every slot is free in the new store)
-    and a preallocated file is adopted as it is, without writing it again.
-    """
-    store_dir = os.fspath(path)
-    if size <= 0 or size % PAGE_SIZE:
-        raise InvalidRequest(f"bad size {size}: must be a positive multiple of {PAGE_SIZE}")
-    if max_share < 1 or max_share > 0xFFFFFFFF:
-        raise InvalidRequest(f"bad max-share {max_share}: must be at least 1")
-    if max_index_entries is not None and max_index_entries < 1:
-        raise InvalidRequest(f"bad max-index-entries {max_index_entries}: must be at least 1")
-    if backend_size is not None and (backend_size < 2 * PAGE_SIZE or backend_size % PAGE_SIZE):
-        raise InvalidRequest(
-            f"bad backend size {backend_size}: a multiple of {PAGE_SIZE}, at least two slots"
-        )
-    if meta_size is not None and not preallocate:
-        raise InvalidRequest("a metadata size is only given with preallocation")
-    if meta_size is not None and (meta_size < META_PREALLOC_MIN or meta_size % PAGE_SIZE):
-        raise InvalidRequest(
-            f"bad metadata size {meta_size}: a multiple of {PAGE_SIZE}, at least "
-            f"{META_PREALLOC_MIN}"
-        )
-    if os.path.exists(store_dir):
-        if not os.path.isdir(store_dir):
-            raise StoreExists(f"{store_dir} exists and is not a directory")
-        if os.listdir(store_dir):
-            raise StoreExists(f"{store_dir} exists and is not empty")
-        made_dir = False
-    else:
-        try:
-            os.makedirs(store_dir)
-        except OSError as exc:
-            raise StoreError(f"cannot create {store_dir}: {exc.strerror}") from exc
-        made_dir = True
-    store_uuid = uuidlib.uuid4().bytes
-    backend_path = os.path.abspath(backend) if backend else ""
-    try:
-        data_path = backend_path or os.path.join(store_dir, DATA_FILE)
-        capacity = backend_size
-        made_backend = bool(backend_path) and not os.path.exists(backend_path)
-        parent = os.path.realpath(os.path.dirname(backend_path)) if backend_path else ""
-        if made_backend and (parent == "/dev" or parent.startswith("/dev/")):
-            raise BackendMismatch(f"backend {backend_path} does not exist (no file made in /dev)")
-        if capacity is None and not (backend_path and _is_block_device(backend_path)):
-            # The data file is sparse, so headroom costs nothing: it lets overwrites take new slots
-            # while the old ones wait (deferred) for a flush, instead of forcing one. An existing
-            # file (--reuse-backend) grows to it too; it never shrinks.
-            capacity = PAGE_SIZE + size + (size // 4) // PAGE_SIZE * PAGE_SIZE
-        slots = Backend.create(
-            data_path, capacity, store_uuid, preallocate=preallocate, reuse=reuse_backend
-        )
-        try:
-            slot_capacity = slots.capacity_slots()
-            slots.sync()
-        finally:
-            slots.close()
-        if slot_capacity < 2:
-            raise BackendMismatch(f"backend {data_path} holds no data slot")
-        config = Config(
-            size=size,
-            page_size=PAGE_SIZE,
-            slot_capacity=slot_capacity,
-            max_index_entries=max_index_entries or 0,
-            max_share=max_share,
-            fingerprint=FINGERPRINT_XXH3_128,
-            uuid=store_uuid,
-            backend=backend_path,
-        )
-        meta_bytes = (meta_size or default_meta_size(size)) if preallocate else 0
-        meta = Meta(store_dir, readonly=False, create=True, map_size=meta_bytes)
-        try:
-
-            def init(txn: Any) -> None:
-                txn.put(KEY_FORMAT, FORMAT.pack(FORMAT_MAGIC, FORMAT_VERSION), db=meta.info)
-                txn.put(KEY_CONFIG, config.pack(), db=meta.info)
-                state = State(FIRST_DATA_SLOT, 0, 0, 0, clean=1)
-                txn.put(KEY_STATE, state.pack(), db=meta.info)
-                if meta_bytes:
-                    txn.put(KEY_PREALLOC, PREALLOC.pack(meta_bytes), db=meta.info)
-
-            meta.write(init)
-            meta.sync()
-        finally:
-            meta.close()
-        if preallocate:
-            _preallocate_meta(store_dir, meta_bytes)
-        with open(os.path.join(store_dir, LOCK_FILE), "w"):
-            pass
-    except BaseException:
-        _remove_partial(store_dir, made_dir, backend_path if made_backend else "")
-        raise
-
-
-def default_meta_size(size: int) -> int:
-    """Bytes of ``data.mdb`` to preallocate for a device of ``size`` bytes: `META_PREALLOC_PER_PAGE`
-    per page, rounded up to a MiB. Measured: filling a store with unique pages takes about 210 to
-    250 bytes of metadata per page; random overwrites of all of it, with LMDB's free pages, up to
-    about 530 (with ``max_index_entries``). A server that locks its memory (ublk) keeps all of
-    it in memory, hence not more by default; ``meta_size`` sets it."""
-    wanted = max(META_PREALLOC_MIN, size // PAGE_SIZE * META_PREALLOC_PER_PAGE)
-    return -(-wanted // (1 << 20)) * (1 << 20)
-
-
-def _preallocate_meta(store_dir: str, meta_bytes: int) -> None:
-    """Write ``data.mdb`` with zeros up to ``meta_bytes`` and every block of ``lock.mdb`` (LMDB
-    writes its reader table through a shared mapping; a hole there would be allocated while
-    serving). Existing content is kept; both are synced."""
-    for name, end in (("data.mdb", meta_bytes), ("lock.mdb", None)):
-        path = os.path.join(store_dir, META_DIR, name)
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except OSError as exc:
-            raise StoreError(f"cannot open {path}: {exc.strerror}") from exc
-        try:
-            fill_holes(fd, max(end or 0, os.fstat(fd).st_size), path)
-        finally:
-            os.close(fd)
-
-
-def _remove_partial(store_dir: str, made_dir: bool, made_backend: str) -> None:
-    """Remove what a failed create made: the store's files, its directory if it made it, and
-    ``made_backend`` (a backend file it created; an existing file or device is left as it was)."""
-    for name in (DATA_FILE, LOCK_FILE, "meta/data.mdb", "meta/lock.mdb", "meta"):
-        target = os.path.join(store_dir, name)
-        with contextlib.suppress(OSError):
-            os.rmdir(target) if os.path.isdir(target) else os.unlink(target)
-    if made_dir:
-        with contextlib.suppress(OSError):
-            os.rmdir(store_dir)
-    if made_backend:
-        with contextlib.suppress(OSError):
-            os.unlink(made_backend)
-
-
-def _is_block_device(path: str) -> bool:
-    try:
-        return stat.S_ISBLK(os.stat(path).st_mode)
-    except OSError:
-        return False
 
 
 def open_store(
@@ -306,36 +85,6 @@ def open_store(
     )
 
 
-class _StoreLock:
-    """The ``STORE/lock`` flock: exclusive for a writer, shared for read-only servers."""
-
-    def __init__(self, store_dir: str, *, exclusive: bool) -> None:
-        lock_path = os.path.join(store_dir, LOCK_FILE)
-        try:
-            self.fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise StoreError(f"cannot open {lock_path}: {exc.strerror}") from exc
-        try:
-            fcntl.flock(self.fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 512, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self.fd)
-            raise StoreLocked(f"{store_dir} is in use by another process ({holder})") from None
-        if exclusive:
-            try:
-                with open("/proc/self/cmdline", "rb") as proc:
-                    cmdline = proc.read().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                cmdline = ""
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, f"pid {os.getpid()}: {cmdline.strip()}\n".encode(), 0)
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
 class Store:
     """An open store. See the module docstring for batching and `dedupblk.store.format` for
     what survives a crash."""
@@ -348,7 +97,7 @@ class Store:
         fingerprint: FingerprintFn,
         group_commit: bool = True,
     ) -> None:
-        if not os.path.isfile(os.path.join(store_dir, "meta", "data.mdb")):
+        if not os.path.isfile(os.path.join(store_dir, META_DIR, "data.mdb")):
             kind = "no such store" if not os.path.exists(store_dir) else "not a dedupblk store"
             raise NotAStore(f"{store_dir}: {kind}")
         self.path = store_dir
@@ -356,11 +105,11 @@ class Store:
         self._fingerprint = fingerprint
         self._lock = threading.RLock()
         self._closed = False
-        self._file_lock = _StoreLock(store_dir, exclusive=not readonly)
+        self._file_lock = StoreLock(store_dir, exclusive=not readonly)
         try:
             self._meta = Meta(store_dir, readonly=readonly)
             try:
-                self.config, self._state = self._meta.read_header(store_dir)
+                self.config, self._state = self._meta.read_header()
                 self.backend_path = self.config.backend or os.path.join(store_dir, DATA_FILE)
                 self._backend = Backend(self.backend_path, readonly=readonly)
             except BaseException:
@@ -622,7 +371,7 @@ class Store:
         if kind == DATA:
             entry: Pending = (DATA, 0, content)
         elif kind == ZERO:
-            entry = _ZERO_PENDING
+            entry = ZERO_PENDING
         else:
             entry = (FILL, word, None)
         previous = self._pending.get(page)
@@ -769,10 +518,22 @@ class Store:
         if not self._pending or self._closed:
             return
         batch = self._pending
-        applied: list[_Batch] = []
+        applied: list[Batch] = []
 
         def body(txn: Any) -> State:
-            applied[:] = [_Batch(self, txn)]  # the last try is the one that committed
+            # The last try is the one that committed.
+            applied[:] = [
+                Batch(
+                    txn,
+                    meta=self._meta,
+                    backend=self._backend,
+                    config=self.config,
+                    state=self._state,
+                    fingerprint=self._fingerprint,
+                    slot_cache=self._slot_cache,
+                    free_count=self._free_count,
+                )
+            ]
             return applied[0].apply(batch)
 
         self._state = self._meta.write(body)
@@ -786,7 +547,7 @@ class Store:
         if self._deferred > DEFERRED_LIMIT:
             self._flush_locked()
 
-    def _remember_slots(self, done: _Batch) -> None:
+    def _remember_slots(self, done: Batch) -> None:
         """After a commit: forget the slots it freed, remember the ones it wrote or read, and keep
         the cache within `SLOT_CACHE_PAGES` (oldest first out)."""
         cache = self._slot_cache
@@ -802,271 +563,40 @@ class Store:
     def statistics(self) -> Statistics:
         """Usage as of the last commit (pending pages are not counted)."""
         with self._lock:
-            return _statistics(self._meta, self.config, self._state)
+            return statistics_of(self._meta, self.config, self._state)
 
-    def check(self) -> list[Problem]:
-        """Commit, then run every named check of `dedupblk.store.check` on this open store.
-        Returns the problems found (empty when every invariant holds)."""
-        from .check import run_checks  # noqa: PLC0415  (check imports this module)
-
+    def check(
+        self,
+        *,
+        repair: bool = False,
+        progress: Progress | None = None,
+        on_total: Callable[[int], None] | None = None,
+    ) -> CheckResult:
+        """Commit, then run every named check of `dedupblk.store.check` on this open store; with
+        ``repair`` (a store open for writing), rebuild what is derived and reload it."""
         with self._lock:
+            if repair:
+                self._check_writable()
             self._commit_locked()
-            return run_checks(self._meta, self._backend, self.path).problems
+            result = run_checks(
+                self._meta, self._backend, repair=repair, progress=progress, on_total=on_total
+            )
+            if result.repaired:
+                self.config, self._state = self._meta.read_header()
+                self._slot_cache.clear()
+                self._refresh_available()
+            return result
 
 
-# Outcomes of looking a page's fingerprint up (`_Batch._dedup_target`).
-_HIT, _NEW, _FULL, _COLLISION = range(4)
-
-
-class _Batch:
-    """One commit: applies pending pages to the map, refcounts, index and free slots inside one
-    write transaction. Page data for new slots is written to the backend before `apply` returns,
-    that is before the transaction commits (write order steps 1-2 of the format spec).
-
-    Refcount changes are summed per slot and written once at the end, so a page's new reference
-    is always counted before its old one is dropped, and a batch full of duplicates reads and
-    writes each shared slot's refcount once."""
-
-    def __init__(self, store: Store, txn: Any) -> None:
-        self.txn = txn
-        self.meta = store._meta
-        self.backend = store._backend
-        self.config = store.config
-        self.fingerprint = store._fingerprint
-        self.bounded = self.config.max_index_entries > 0
-        old = store._state
-        self.state = State(old.slot_high, old.mapped_pages, old.same_filled_pages, old.next_seq, 0)
-        self.new_data: dict[int, bytes] = {}  # slot -> page, for slots allocated in this batch
-        self.new_refs: dict[int, bytes] = {}  # slot -> fingerprint, likewise
-        self.deltas: dict[int, int] = {}  # slot -> refcount change in this batch
-        # slot -> (refcount, fingerprint) before this batch, read lazily
-        self.committed: dict[int, tuple[int, bytes]] = {}
-        self.targets: dict[bytes, tuple[int, bytes | None]] = {}  # fp -> (slot, index record)
-        self.stored: dict[int, bytes] = {}  # slot -> bytes read for verification
-        self.cache = store._slot_cache  # committed slots' contents (read-only here)
-        self.allocated = 0  # slots taken from the free ones or the never-used ones
-        self.dead: list[int] = []  # slots whose last reference this batch dropped
-        self.free_cursor: Any = None
-        self.free_left = store._free_count
-        self.index_entries = self.meta.entries(txn, self.meta.index) if self.bounded else 0
-        # Lookups through cursors: cheaper than txn.get(..., db=...) per call.
-        self.refs_get = txn.cursor(db=self.meta.refs).get
-        self.index_get = txn.cursor(db=self.meta.index).get
-
-    def apply(self, batch: dict[int, Pending]) -> State:
-        txn, state, deltas = self.txn, self.state, self.deltas
-        # A cursor's calls cost less than the transaction's (no database argument), and
-        # `replace` writes a record and returns the old one in a single tree descent.
-        map_cursor = txn.cursor(db=self.meta.map)
-        get, replace, pop = map_cursor.get, map_cursor.replace, map_cursor.pop
-        fingerprint, targets, index_get = self.fingerprint, self.targets, self.index_get
-        committed, refs_get, max_share = self.committed, self.refs_get, self.config.max_share
-        new_data, stored, cache = self.new_data, self.stored, self.cache
-        for page in sorted(batch):
-            kind, word, content = batch[page]
-            key = _pack_u64(page)
-            if kind == ZERO:
-                raw_old = pop(key)
-            elif kind == FILL:
-                raw_old = replace(key, _pack_map(KIND_FILL, word))
-                state.same_filled_pages += 1  # a rewrite of the same word nets out below
-            else:
-                assert content is not None
-                fp = fingerprint(content)
-                # The dedup target: the indexed slot, if it holds these very bytes (never trust
-                # a fingerprint alone) and may take one more reference.
-                known = targets.get(fp)
-                if known is None:
-                    raw = index_get(fp)
-                    known = targets[fp] = (_unpack_index(raw)[0] if raw else 0, raw)
-                target = known[0]
-                outcome = _NEW
-                if target:
-                    held = new_data.get(target) or stored.get(target) or cache.get(target)
-                    if held is None:
-                        held = stored[target] = self.backend.read_slot(target)
-                    if held != content:
-                        outcome = _COLLISION
-                    else:
-                        ref = committed.get(target)
-                        if ref is None:
-                            raw = refs_get(_pack_u64(target))
-                            ref = committed[target] = _unpack_ref(raw) if raw else (0, fp)
-                        if ref[0] + deltas.get(target, 0) < max_share:
-                            outcome = _HIT
-                        else:
-                            outcome = _FULL
-                            raw_old = get(key)
-                            if raw_old == _pack_map(KIND_SLOT, target):
-                                continue  # already shares it: no new reference needed
-                if outcome == _HIT:
-                    record = _pack_map(KIND_SLOT, target)
-                    raw_old = replace(key, record)
-                    if raw_old == record:
-                        continue  # rewrote the content the page already had
-                    deltas[target] = deltas.get(target, 0) + 1
-                else:
-                    target = self._store_new(fp, content, outcome)
-                    raw_old = replace(key, _pack_map(KIND_SLOT, target))
-                state.mapped_pages += 1
-            if raw_old is None:
-                continue
-            old_kind, old_value = _unpack_map(raw_old)
-            if old_kind == KIND_SLOT:
-                state.mapped_pages -= 1
-                deltas[old_value] = deltas.get(old_value, 0) - 1
-            elif old_kind == KIND_FILL:
-                state.same_filled_pages -= 1
-        self._apply_refcounts()
-        if self.bounded and self.index_entries > self.config.max_index_entries:
-            self._prune_index()
-        if new_data:
-            self.backend.write_slots(list(new_data.items()))
-        txn.put(KEY_STATE, state.pack(), db=self.meta.info)
-        return state
-
-    def _store_new(self, fp: bytes, content: bytes, outcome: int) -> int:
-        """Put ``content`` in a newly allocated slot. A new fingerprint, or one whose slot reached
-        max-share, makes the new slot the dedup target; a collision keeps the indexed one."""
-        slot = self._allocate()
-        self.new_data[slot] = content
-        self.new_refs[slot] = fp
-        self.deltas[slot] = 1
-        self.committed[slot] = (0, fp)
-        if outcome != _COLLISION:
-            raw_old = self.targets[fp][1]
-            raw_new = self._index(fp, slot, raw_old)
-            self.targets[fp] = (slot, raw_new)
-        return slot
-
-    def _apply_refcounts(self) -> None:
-        txn, meta = self.txn, self.meta
-        refsdb = meta.refs
-        for slot, delta in self.deltas.items():
-            key = _pack_u64(slot)
-            new_fp = self.new_refs.get(slot)
-            if new_fp is not None:
-                txn.put(key, _pack_ref(delta, new_fp), db=refsdb)
-                continue
-            if not delta:
-                continue
-            ref = self.committed.get(slot)
-            refcount, fp = ref if ref is not None else _unpack_ref(txn.get(key, db=refsdb))
-            if refcount + delta > 0:
-                txn.put(key, _pack_ref(refcount + delta, fp), db=refsdb)
-                continue
-            # Last reference: the slot's death, its index entry and its deferred free commit
-            # together.
-            txn.delete(key, db=refsdb)
-            raw_index = txn.get(fp, db=meta.index)
-            if raw_index is not None:
-                indexed_slot, seq = _unpack_index(raw_index)
-                if indexed_slot == slot:
-                    txn.delete(fp, db=meta.index)
-                    if self.bounded:
-                        txn.delete(_pack_u64(seq), db=meta.age)
-                        self.index_entries -= 1
-            txn.put(key, b"", db=meta.deferred)
-            self.dead.append(slot)
-
-    def _index(self, fp: bytes, slot: int, raw_old: bytes | None) -> bytes:
-        txn, meta, state = self.txn, self.meta, self.state
-        seq = state.next_seq
-        state.next_seq += 1
-        raw = _pack_index(slot, seq)
-        txn.put(fp, raw, db=meta.index)
-        if self.bounded:
-            if raw_old is not None:
-                txn.delete(_pack_u64(_unpack_index(raw_old)[1]), db=meta.age)
-            else:
-                self.index_entries += 1
-            txn.put(_pack_u64(seq), fp, db=meta.age)
-        return raw
-
-    def _prune_index(self) -> None:
-        """Drop the oldest index entries of singly-referenced slots until the index is a little
-        under its bound (the slots and their mappings stay; the pages stop being dedup targets).
-        Entries of shared slots are kept, so a bound smaller than the shared slots is exceeded."""
-        txn, meta = self.txn, self.meta
-        limit = self.config.max_index_entries
-        target = limit - max(1, limit // 32)
-        cursor = txn.cursor(db=meta.age)
-        if not cursor.first():
-            return
-        while self.index_entries > target:
-            if not cursor.key():  # a delete of the last record leaves the cursor past the end
-                return
-            fp = cursor.value()
-            raw_index = txn.get(fp, db=meta.index)
-            if raw_index is None:  # cannot happen while the age invariant holds; heal it anyway
-                if not cursor.delete():
-                    return
-                continue
-            slot = _unpack_index(raw_index)[0]
-            refcount = _unpack_ref(txn.get(_pack_u64(slot), db=meta.refs))[0]
-            if refcount == 1:
-                txn.delete(fp, db=meta.index)
-                self.index_entries -= 1
-                if not cursor.delete():
-                    return
-            elif not cursor.next():
-                return
-
-    def _allocate(self) -> int:
-        """A slot no committed mapping names: a free slot (never one freed since the last flush:
-        those are deferred), else a never-used slot. `StoreFull` when there is none."""
-        state = self.state
-        # The store counts its free slots: no lookup while it knows there are none (and a last
-        # look before giving up, should the count be behind).
-        if self.free_left or state.slot_high >= self.config.slot_capacity:
-            if self.free_cursor is None:
-                self.free_cursor = self.txn.cursor(db=self.meta.free)
-            cursor = self.free_cursor
-            if cursor.first():
-                slot: int = U64BE.unpack(cursor.key())[0]
-                cursor.delete()
-                self.allocated += 1
-                self.free_left = max(0, self.free_left - 1)
-                return slot
-        if state.slot_high < self.config.slot_capacity:
-            state.slot_high += 1
-            self.allocated += 1
-            return state.slot_high - 1
-        raise StoreFull(f"no free slot in backend {self.backend.path}")
-
-
-def _statistics(meta: Meta, config: Config, state: State) -> Statistics:
-    with meta.env.begin() as txn:
-        stored = meta.entries(txn, meta.refs)
-        index_entries = meta.entries(txn, meta.index)
-    mapped = state.mapped_pages
-    return Statistics(
-        size_bytes=config.size,
-        page_size=config.page_size,
-        mapped_pages=mapped,
-        same_filled_pages=state.same_filled_pages,
-        stored_pages=stored,
-        index_entries=index_entries,
-        dedup_ratio=mapped / stored if stored else 1.0,
-        saved_bytes=(mapped + state.same_filled_pages - stored) * config.page_size,
-        data_bytes=stored * config.page_size,
-        metadata_bytes=meta.used_bytes(),
-    )
-
-
-def read_statistics(path: str | os.PathLike[str]) -> tuple[Config, Statistics]:
-    """Statistics as of the last commit, without taking the store's lock: works while another
-    process serves the store (LMDB readers see the last committed state)."""
-    store_dir = os.fspath(path)
-    if not os.path.isdir(store_dir):
-        raise NotAStore(f"{store_dir}: no such store")
-    opened = Meta.opened(store_dir)
-    if opened is not None:  # LMDB allows one environment per file per process
-        config, state = opened.read_header(store_dir)
-        return config, _statistics(opened, config, state)
-    meta = Meta(store_dir, readonly=True)
-    try:
-        config, state = meta.read_header(store_dir)
-        return config, _statistics(meta, config, state)
-    finally:
-        meta.close()
+def check_store(
+    path: str | os.PathLike[str],
+    *,
+    repair: bool = False,
+    progress: Progress | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> CheckResult:
+    """Open the store (shared; exclusive to repair), run every named check, close it. With
+    ``repair``, fix what was found from the map and return the problems that the repair fixed
+    (a second check should then be clean)."""
+    with open_store(path, readonly=not repair) as store:
+        return store.check(repair=repair, progress=progress, on_total=on_total)
