@@ -30,17 +30,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: setup
-	$(VENV)/bin/ruff check dedupblk tests bench
-	$(VENV)/bin/ruff format --check dedupblk tests bench
-	$(VENV)/bin/mypy dedupblk
+	$(VENV)/bin/ruff check dedupblk tests bench testbed
+	$(VENV)/bin/ruff format --check dedupblk tests bench testbed
+	$(VENV)/bin/mypy dedupblk testbed
 
 unit: setup
 	$(PY) -m pytest -q tests/unit
 
 test: setup
-	$(VENV)/bin/ruff check dedupblk tests bench
-	$(VENV)/bin/ruff format --check dedupblk tests bench
-	$(VENV)/bin/mypy dedupblk
+	$(VENV)/bin/ruff check dedupblk tests bench testbed
+	$(VENV)/bin/ruff format --check dedupblk tests bench testbed
+	$(VENV)/bin/mypy dedupblk testbed
 	$(PY) -m pytest -q tests
 
 demo: setup

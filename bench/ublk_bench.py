@@ -4,7 +4,7 @@
         [--jobs rand-write-dup50,rand-read,dedup-90] [--devices ublk,ublk-minimal,store,zram]
         [--profile] [--json results.json]
 
-One guest boot (tests/vm/harness.py: Debian's 6.12 kernel under qemu TCG, 2 CPUs) runs
+One guest boot (testbed/vm.py: Debian's 6.12 kernel under qemu TCG, 2 CPUs) runs
 bench/ublk_guest.py, which for every round and job serves a fresh store (on the guest's ext4
 /scratch) with ``dedupblk serve --frontend ublk`` and then resets /dev/zram0 to the same size,
 running the job file's block-device command line against each in turn (ublk, zram, ublk, zram...).
@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from ublk_guest import DEVICES  # noqa: E402 -- bench/ is sys.path[0] for a script here
 
-from tests.vm.harness import Harness  # noqa: E402 -- needs the repository on sys.path first
+from testbed.vm import Harness  # noqa: E402 -- needs the repository on sys.path first
 
 GUEST = REPO / "bench" / "ublk_guest.py"
 PYTHON = REPO / ".venv" / "bin" / "python"

@@ -18,6 +18,7 @@ import click
 from .errors import DedupblkError, InvalidRequest
 from .sizes import parse_size
 from .store import check_store, create_store, open_store, read_statistics
+from .store.format import DEFAULT_MAX_SHARE, FINGERPRINT_NAMES
 
 
 class _Group(click.Group):
@@ -65,7 +66,7 @@ def main(verbose: bool) -> None:
 @click.option(
     "--max-share",
     type=click.IntRange(min=1),
-    default=254,
+    default=DEFAULT_MAX_SHARE,
     show_default=True,
     help="Most pages that may share one slot.",
 )
@@ -121,10 +122,10 @@ def info(store: str, as_json: bool) -> None:
     """Show a store's format and configuration."""
     config, _ = read_statistics(store)
     record = {
-        "format_version": 1,
+        "format_version": config.format_version,
         "size_bytes": config.size,
         "page_size": config.page_size,
-        "fingerprint": "xxh3-128",
+        "fingerprint": FINGERPRINT_NAMES.get(config.fingerprint, f"unknown ({config.fingerprint})"),
         "backend": config.backend or "(store)/slots",
         "slot_capacity": config.slot_capacity - 1,
         "max_index_entries": config.max_index_entries or None,
@@ -225,9 +226,9 @@ def serve(store: str, frontend: str, **options: Any) -> None:
     """Serve STORE as a block device over NBD (nbdkit) or ublk."""
     nbd_only = ("socket_path", "port", "bind", "readonly", "foreground", "tls", "tls_certificates")
     if frontend == "nbd":
-        from .frontends import nbd_server  # noqa: PLC0415  (frontends load only when served)
+        from .nbd import launcher  # noqa: PLC0415  (frontends load only when served)
 
-        code = nbd_server.serve(
+        code = launcher.serve(
             store,
             socket=options["socket_path"],
             port=options["port"],

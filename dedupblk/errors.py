@@ -89,5 +89,3 @@ class UblkError(DedupblkError):
 
 class NbdError(DedupblkError):
     """The NBD server could not start: nbdkit missing, or its socket held by another server."""
-
-    errno = errnos.EADDRINUSE

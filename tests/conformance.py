@@ -1,33 +1,35 @@
 """One block-device conformance suite for every frontend.
 
-Each check takes a `BlockDevice` (the store in-process, an NBD connection, a ublk device in a VM)
-that starts all zeros and is at least `MIN_SIZE` bytes, and asserts plain-disk behaviour against a
-`bytearray` model. Frontend test modules parametrize over `CHECKS`; the VM runs
-``python -m tests.conformance /dev/ublkbN``, which prints one line per check and exits 1 on a
-failure.
+Each check takes a `dedupblk.device.BlockDevice` (the store in-process, an NBD connection, a ublk
+device in a VM) that starts all zeros and is at least `MIN_SIZE` bytes, and asserts plain-disk
+behaviour against a `bytearray` model. Discards and zeroes are whole units of the device's
+``block_size`` attribute when it has one (a ublk device takes them in 4 KiB blocks only), else of
+512-byte sectors. Frontend test modules parametrize over `CHECKS`; the VM tier runs
+``python -m tests.conformance /dev/ublkbN`` (tests/vm/guest/ublk_checks.py), which prints one line
+per check and exits 1 on a failure.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
+import struct
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Protocol
+
+from dedupblk.device import BlockDevice, Extent
 
 PAGE = 4096
+SECTOR = 512
 MIN_SIZE = 1 << 20
 
 
-class BlockDevice(Protocol):
-    size: int
-
-    def pread(self, offset: int, length: int) -> bytes: ...
-    def pwrite(self, offset: int, data: bytes) -> None: ...
-    def trim(self, offset: int, length: int) -> None: ...
-    def zero(self, offset: int, length: int) -> None: ...
-    def flush(self) -> None: ...
+def block_size(dev: BlockDevice) -> int:
+    """The unit of the device's discards and zeroes (see the module docstring)."""
+    size: int = getattr(dev, "block_size", SECTOR)
+    return size
 
 
 class Model:
@@ -38,16 +40,16 @@ class Model:
         self.image = bytearray(dev.size)
 
     def write(self, offset: int, data: bytes) -> None:
-        self.dev.pwrite(offset, data)
+        self.dev.write(offset, data)
         self.image[offset : offset + len(data)] = data
 
     def zero(self, offset: int, length: int, *, trim: bool = False) -> None:
-        (self.dev.trim if trim else self.dev.zero)(offset, length)
+        (self.dev.trim if trim else self.dev.write_zeroes)(offset, length)
         self.image[offset : offset + length] = bytes(length)
 
     def verify(self, offset: int = 0, length: int | None = None) -> None:
         length = self.dev.size - offset if length is None else length
-        got = self.dev.pread(offset, length)
+        got = self.dev.read(offset, length)
         want = bytes(self.image[offset : offset + length])
         if got != want:
             first = next(i for i in range(length) if got[i] != want[i])
@@ -125,23 +127,26 @@ def check_flush_keeps_data(dev: BlockDevice) -> None:
 
 
 def check_random_mix(dev: BlockDevice) -> None:
-    """Random writes (duplicate, same-filled, zero, unique), trims and zeroes at 512-byte
-    granularity over the first 256 pages, then a full comparison."""
+    """Random writes (duplicate, same-filled, zero, unique) at 512-byte granularity, trims and
+    zeroes in the device's blocks, over the first 256 pages, then a full comparison."""
     m = Model(dev)
     rng = random.Random(7)
     span = min(dev.size, 256 * PAGE)
+    unit = block_size(dev)
     hot = [rng.randbytes(PAGE) for _ in range(4)]
     for _ in range(200):
         sectors = rng.choice((1, 8, 8, 8, 16, 24))
-        offset = rng.randrange(0, span // 512 - sectors) * 512
-        length = sectors * 512
+        offset = rng.randrange(0, span // SECTOR - sectors) * SECTOR
+        length = sectors * SECTOR
         action = rng.randrange(10)
         if action < 3:
             data = (rng.choice(hot) * 6)[:length]
         elif action < 5:
             data = bytes([rng.randrange(1, 256)]) * length
         elif action < 6:
-            m.zero(offset, length, trim=rng.random() < 0.5)
+            start = offset // unit * unit
+            end = max(start + unit, (offset + length) // unit * unit)
+            m.zero(start, end - start, trim=rng.random() < 0.5)
             continue
         else:
             data = rng.randbytes(length)
@@ -163,37 +168,46 @@ CHECKS: list[Callable[[BlockDevice], None]] = [
 
 
 class FileDevice:
-    """A block device node opened with O_DIRECT off, for the VM run."""
+    """A block device node as a `BlockDevice` (buffered I/O: the page cache does the
+    read-modify-write of sub-block writes), for the VM run."""
 
     BLKGETSIZE64 = 0x80081272
+    BLKSSZGET = 0x1268
     BLKDISCARD = 0x1277
     BLKZEROOUT = 0x127F
 
     def __init__(self, path: str) -> None:
-        import fcntl  # noqa: PLC0415
-        import struct  # noqa: PLC0415
-
-        self._fcntl, self._struct = fcntl, struct
         self.fd = os.open(path, os.O_RDWR)
         buf = bytearray(8)
         fcntl.ioctl(self.fd, self.BLKGETSIZE64, buf)
-        self.size = struct.unpack("<Q", buf)[0]
+        self.size: int = struct.unpack("<Q", buf)[0]
+        sector = bytearray(4)
+        fcntl.ioctl(self.fd, self.BLKSSZGET, sector)
+        self.block_size: int = struct.unpack("<I", sector)[0]
 
-    def pread(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes:
         return os.pread(self.fd, length, offset)
 
-    def pwrite(self, offset: int, data: bytes) -> None:
+    def write(
+        self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
+    ) -> None:
         assert os.pwrite(self.fd, data, offset) == len(data)
 
     def _range_ioctl(self, request: int, offset: int, length: int) -> None:
         os.fsync(self.fd)  # the page cache must not hold dirty data over the range
-        self._fcntl.ioctl(self.fd, request, self._struct.pack("<QQ", offset, length))
+        fcntl.ioctl(self.fd, request, struct.pack("<QQ", offset, length))
 
-    def trim(self, offset: int, length: int) -> None:
+    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         self._range_ioctl(self.BLKDISCARD, offset, length)
 
-    def zero(self, offset: int, length: int) -> None:
+    def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
         self._range_ioctl(self.BLKZEROOUT, offset, length)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        return [(offset, length, False)]
+
+    def commit(self) -> None:
+        os.fsync(self.fd)
 
     def flush(self) -> None:
         os.fsync(self.fd)

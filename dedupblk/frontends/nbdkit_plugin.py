@@ -2,23 +2,14 @@
 
     nbdkit python dedupblk/frontends/nbdkit_plugin.py store=STORE [size=SIZE] [readonly=true] ...
 
-Parameters (nbdkit's Python plugin cannot show them in --help):
-
-    store=PATH                 (required) the dedupblk store to serve
-    size=SIZE                  create the store with this device size if it is missing
-    backend=PATH               with size=: keep the data slots in this file or device
-    backend-size=SIZE          with size=: the backend's size
-    max-index-entries=N        with size=: bound on the fingerprint index
-    max-share=N                with size=: most mappings one data slot may have
-    readonly=BOOL              open the store read-only; the export refuses writes
-    thread-model=serialize|parallel   nbdkit's thread model (default serialize; for benchmarks)
+Its parameters are listed in `dedupblk.nbd.params`.
 
 nbdkit runs this file as `__main__` in its embedded interpreter, Debian's /usr/bin/python3, whose
 `sys.path` has neither this repository nor the project's venv. So before importing dedupblk, the
 top level adds the directory that holds the `dedupblk` package and, if there is one, the
 repository's `.venv` site-packages (`dedupblk serve` also sets PYTHONPATH, which makes both
-no-ops). All logic is in `nbdkit_adapter`; this file only binds one adapter's methods to the names
-nbdkit looks up.
+no-ops). All logic is in `dedupblk.nbd.adapter`; this file only binds one adapter's methods to
+the names nbdkit looks up.
 """
 
 from __future__ import annotations
@@ -46,7 +37,8 @@ _extend_path()
 
 import nbdkit  # noqa: E402  (exists only inside nbdkit, after the path is set up)
 
-from dedupblk.frontends.nbdkit_adapter import NbdkitPlugin, exit_on_parameter_error  # noqa: E402
+from dedupblk.nbd.adapter import NbdkitPlugin  # noqa: E402
+from dedupblk.nbd.params import exit_on_parameter_error  # noqa: E402
 
 # Deliberate errors (a bad parameter, ENOSPC, ...) are one line in nbdkit's log; unexpected ones
 # carry their own formatted traceback (NbdkitPlugin.failure), which this setting does not cut.

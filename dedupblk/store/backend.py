@@ -275,12 +275,6 @@ class Backend:
                         return
                     raise BackendError(f"punching slots at {first}: {os.strerror(err)}")
 
-    def allocated_bytes(self) -> int | None:
-        """Bytes the backend file occupies on its filesystem (None for a block device)."""
-        if self.is_block:
-            return None
-        return os.fstat(self.fd).st_blocks * 512
-
     def sync(self) -> None:
         try:
             os.fdatasync(self.fd)

@@ -115,12 +115,11 @@ FORMAT_MAGIC = b"DEDUPBLK"
 FORMAT_VERSION = 1
 BACKEND_MAGIC = b"DDBKSLOT"
 FINGERPRINT_XXH3_128 = 1
+FINGERPRINT_NAMES = {FINGERPRINT_XXH3_128: "xxh3-128"}
 DEFAULT_MAX_SHARE = 254  # dm-vdo's limit on references per physical block
 HEADER_SLOT = 0
 FIRST_DATA_SLOT = 1
 
-PageNo = NewType("PageNo", int)
-SlotNo = NewType("SlotNo", int)
 Fingerprint = NewType("Fingerprint", bytes)
 
 # Files of the store directory (see "Store directory").
@@ -173,6 +172,7 @@ class Config:
     fingerprint: int
     uuid: bytes
     backend: str  # "" means STORE/slots
+    format_version: int = FORMAT_VERSION  # from the ``format`` record, not packed here
 
     def pack(self) -> bytes:
         return (
@@ -189,10 +189,11 @@ class Config:
         )
 
     @classmethod
-    def unpack(cls, raw: bytes) -> Config:
+    def unpack(cls, raw: bytes, format_version: int = FORMAT_VERSION) -> Config:
         size, page_size, capacity, max_index, max_share, algo, uuid = CONFIG.unpack_from(raw)
+        backend = raw[CONFIG.size :].decode()
         return cls(
-            size, page_size, capacity, max_index, max_share, algo, uuid, raw[CONFIG.size :].decode()
+            size, page_size, capacity, max_index, max_share, algo, uuid, backend, format_version
         )
 
     @property
@@ -218,10 +219,6 @@ class State:
     @classmethod
     def unpack(cls, raw: bytes) -> State:
         return cls(*STATE.unpack(raw))
-
-
-def page_key(page: int) -> bytes:
-    return U64BE.pack(page)
 
 
 def slot_key(slot: int) -> bytes:

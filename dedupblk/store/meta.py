@@ -151,7 +151,7 @@ class Meta:
         if version != FORMAT_VERSION:
             raise FormatError(f"{store_dir} has format version {version}; this is {FORMAT_VERSION}")
         try:
-            return Config.unpack(raw_config), State.unpack(raw_state)
+            return Config.unpack(raw_config, version), State.unpack(raw_state)
         except Exception as exc:
             raise FormatError(f"{store_dir}: undecodable config or state record") from exc
 

@@ -130,7 +130,6 @@ class Store:
             self._file_lock.release()
             raise
         self.size = self.config.size
-        self.page_size = PAGE_SIZE
         self._pages = self.config.pages
         self._pending: dict[int, Pending] = {}
         self._pending_data = 0  # DATA pages in _pending: each may need one slot

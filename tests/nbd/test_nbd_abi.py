@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dedupblk.frontends import nbdkit_adapter
+from dedupblk.nbd import adapter as nbdkit_adapter
+from dedupblk.nbd import params as nbdkit_params
 
 from .nbd_helpers import run
 
@@ -46,7 +47,8 @@ def test_adapter_constants_match_nbdkit(tmp_path: Path) -> None:
     out = tmp_path / "constants"
     run("nbdkit", "-U", "-", "python", str(plugin), f"out={out}", "--run", "true")
     constants = ast.literal_eval(out.read_text())
-    for name in ("FLAG_MAY_TRIM", "FLAG_FUA", "FLAG_REQ_ONE", "FLAG_FAST_ZERO", "FUA_NATIVE",
-                 "THREAD_MODEL_SERIALIZE_ALL_REQUESTS", "THREAD_MODEL_PARALLEL"):  # fmt: skip
+    for name in ("FLAG_MAY_TRIM", "FLAG_FUA", "FLAG_REQ_ONE", "FLAG_FAST_ZERO", "FUA_NATIVE"):
         assert getattr(nbdkit_adapter, name) == constants[name], name
+    for name in ("THREAD_MODEL_SERIALIZE_ALL_REQUESTS", "THREAD_MODEL_PARALLEL"):
+        assert getattr(nbdkit_params, name) == constants[name], name
     assert constants["EXTENT_HOLE"] | constants["EXTENT_ZERO"] == nbdkit_adapter.EXTENT_HOLE_ZERO

@@ -12,7 +12,8 @@ from collections.abc import Callable
 import nbd
 import pytest
 
-from tests.conformance import CHECKS, MIN_SIZE, BlockDevice
+from dedupblk.device import BlockDevice, Extent
+from tests.conformance import CHECKS, MIN_SIZE
 
 from .nbd_helpers import ServerFactory, assert_clean
 
@@ -20,23 +21,33 @@ pytestmark = pytest.mark.nbd
 
 
 class NbdDevice:
+    """An NBD connection as a `BlockDevice`."""
+
     def __init__(self, uri: str) -> None:
         self.h = nbd.NBD()
         self.h.set_strict_mode(self.h.get_strict_mode() & ~nbd.STRICT_ALIGN)
         self.h.connect_uri(uri)
         self.size = self.h.get_size()
 
-    def pread(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes:
         return bytes(self.h.pread(length, offset))
 
-    def pwrite(self, offset: int, data: bytes) -> None:
-        self.h.pwrite(data, offset)
+    def write(
+        self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
+    ) -> None:
+        self.h.pwrite(bytes(data), offset, nbd.CMD_FLAG_FUA if fua else 0)
 
-    def trim(self, offset: int, length: int) -> None:
-        self.h.trim(length, offset)
+    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        self.h.trim(length, offset, nbd.CMD_FLAG_FUA if fua else 0)
 
-    def zero(self, offset: int, length: int) -> None:
-        self.h.zero(length, offset)
+    def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
+        self.h.zero(length, offset, nbd.CMD_FLAG_FUA if fua else 0)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        return [(offset, length, False)]
+
+    def commit(self) -> None:
+        self.h.flush()
 
     def flush(self) -> None:
         self.h.flush()

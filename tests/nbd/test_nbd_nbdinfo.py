@@ -7,7 +7,7 @@ import json
 import nbd
 import pytest
 
-from dedupblk.frontends.nbdkit_adapter import MAXIMUM_BLOCK_SIZE, PREFERRED_BLOCK_SIZE
+from dedupblk.nbd.adapter import MAXIMUM_BLOCK_SIZE, PREFERRED_BLOCK_SIZE
 
 from .nbd_helpers import PAGE_SIZE, ServerFactory, run
 

@@ -17,16 +17,15 @@ from pathlib import Path
 import nbd
 import pytest
 
-from dedupblk.frontends.nbd_server import ServeError, nbd_uri, nbdkit_command, serve
+from dedupblk.errors import InvalidRequest, NbdError
+from dedupblk.nbd.launcher import nbd_uri, nbdkit_command, serve
 from dedupblk.store import create_store
 
 from .nbd_helpers import PAGE_SIZE, assert_clean, run
 
 pytestmark = pytest.mark.nbd
 
-SERVE = (
-    "import sys; from dedupblk.frontends.nbd_server import serve; sys.exit(serve(*{args}, **{kw}))"
-)
+SERVE = "import sys; from dedupblk.nbd.launcher import serve; sys.exit(serve(*{args}, **{kw}))"
 
 
 @contextlib.contextmanager
@@ -147,7 +146,7 @@ def test_missing_store_fails_before_printing_a_uri(tmp_path: Path) -> None:
     ],
 )
 def test_serve_rejects_bad_options(tmp_path: Path, kwargs: dict[str, object], message: str) -> None:
-    with pytest.raises(ServeError, match=message):
+    with pytest.raises(InvalidRequest, match=message):
         serve(str(tmp_path / "store"), **kwargs)  # type: ignore[arg-type]
 
 
@@ -192,6 +191,6 @@ def test_stale_socket_is_replaced_and_a_live_one_refused(tmp_path: Path) -> None
     with start_serve(str(store), socket=str(sock), foreground=True) as process:
         uri = read_uri(process)
         write_and_read(uri)
-        with pytest.raises(ServeError, match="in use by another server"):
+        with pytest.raises(NbdError, match="in use by another server"):
             serve(str(store), socket=str(sock))
         assert stop(process) == 0

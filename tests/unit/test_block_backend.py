@@ -13,7 +13,7 @@ import pytest
 
 from dedupblk.store import BackendMismatch, StoreFull, check_store, create_store, open_store
 from dedupblk.store.backend import BLOCK_DIO_MAX_PAGES, Backend
-from dedupblk.store.store import read_statistics
+from dedupblk.store.stats import read_statistics
 from tests.conftest import SMALL, allocated_bytes, rand_page
 
 P = 4096

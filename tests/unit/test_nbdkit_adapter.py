@@ -13,18 +13,21 @@ from pathlib import Path
 
 import pytest
 
-from dedupblk.frontends import nbdkit_adapter
-from dedupblk.frontends.nbdkit_adapter import (
+from dedupblk.nbd import adapter as nbdkit_adapter
+from dedupblk.nbd import params as nbdkit_params
+from dedupblk.nbd.adapter import (
     EXTENT_DATA,
     EXTENT_HOLE_ZERO,
     FLAG_FUA,
     FLAG_REQ_ONE,
     FUA_NATIVE,
-    THREAD_MODEL_PARALLEL,
-    THREAD_MODEL_SERIALIZE_ALL_REQUESTS,
     Connection,
     InternalError,
     NbdkitPlugin,
+)
+from dedupblk.nbd.params import (
+    THREAD_MODEL_PARALLEL,
+    THREAD_MODEL_SERIALIZE_ALL_REQUESTS,
     ParameterError,
     exit_on_parameter_error,
     parse_size,
@@ -40,7 +43,7 @@ from dedupblk.store import (
     open_store,
 )
 
-PLUGIN = Path(nbdkit_adapter.__file__).with_name("nbdkit_plugin.py")
+PLUGIN = Path(nbdkit_adapter.__file__).parents[1] / "frontends" / "nbdkit_plugin.py"
 
 
 class FakeNbdkit:
@@ -208,7 +211,7 @@ def test_get_ready_leaves_the_store_closed(host: FakeNbdkit, tmp_path: Path) -> 
     with open_store(tmp_path / "s"):  # would raise StoreLocked if get_ready had kept it open
         pass
     with pytest.raises(RuntimeError, match="not open"):
-        _ = plugin.store
+        _ = plugin.device
 
 
 def test_cleanup_closes_the_store_cleanly(host: FakeNbdkit, tmp_path: Path) -> None:
@@ -280,7 +283,7 @@ def test_pwrite_copies_the_buffer_nbdkit_reuses(serving: NbdkitPlugin) -> None:
 def test_fua_write_is_durable_at_once(serving: NbdkitPlugin, tmp_path: Path) -> None:
     h = serving.open(False)
     serving.pwrite(h, memoryview(b"\x5a" * 3 + bytes(PAGE_SIZE - 3)), 0, FLAG_FUA)
-    assert serving.store.statistics().mapped_pages == 1  # committed, not pending
+    assert serving.device.statistics().mapped_pages == 1  # committed, not pending
 
 
 def test_zero_trim_and_extents(serving: NbdkitPlugin) -> None:
@@ -343,7 +346,7 @@ class FailingStore:
 def test_store_errors_become_their_errno(host: FakeNbdkit, error: Exception, errnum: int) -> None:
     plugin = NbdkitPlugin(host)
     plugin._store = FailingStore(error)  # type: ignore[assignment]
-    h = Connection(False)
+    h = Connection()
     calls = [
         lambda: plugin.pread(h, memoryview(bytearray(PAGE_SIZE)), 0, 0),
         lambda: plugin.pwrite(h, memoryview(bytes(PAGE_SIZE)), 0, 0),
@@ -363,7 +366,7 @@ def test_unexpected_exception_is_eio_with_its_traceback(host: FakeNbdkit) -> Non
     plugin = NbdkitPlugin(host)
     plugin._store = FailingStore(ZeroDivisionError("a bug"))  # type: ignore[assignment]
     with pytest.raises(InternalError) as raised:
-        plugin.pwrite(Connection(False), memoryview(bytes(PAGE_SIZE)), 0, 0)
+        plugin.pwrite(Connection(), memoryview(bytes(PAGE_SIZE)), 0, 0)
     assert host.errors == [errno.EIO]
     message = str(raised.value)
     assert message.startswith("pwrite: unexpected error, returning EIO\nTraceback")
@@ -405,7 +408,7 @@ def test_exit_on_parameter_error_prints_one_line(
     def fake_exit(code: int) -> None:
         raise SystemExit(code)
 
-    monkeypatch.setattr(nbdkit_adapter.os, "_exit", fake_exit)
+    monkeypatch.setattr(nbdkit_params.os, "_exit", fake_exit)
 
     def config(key: str, value: str) -> None:
         raise ParameterError(f"{key}={value}: no")

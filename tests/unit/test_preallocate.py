@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from dedupblk.cli import main
 from dedupblk.store import InvalidRequest, create_store, open_store
 from dedupblk.store.backend import fill_holes
-from dedupblk.store.format import BACKEND_HEADER, BACKEND_PREALLOCATED
+from dedupblk.store.create import default_meta_size
+from dedupblk.store.format import BACKEND_HEADER, BACKEND_PREALLOCATED, DATA_FILE
 from dedupblk.store.meta import INITIAL_MAP_SIZE, Meta
-from dedupblk.store.store import DATA_FILE, default_meta_size
 from tests.conftest import SMALL, allocated_bytes, rand_page
 
 P = 4096
@@ -99,7 +99,7 @@ def test_freed_slots_are_reused_not_punched(prealloc_dir: str) -> None:
         store.flush()
         assert store._state.slot_high == high  # the freed slots, not new ones
         assert store.read(0, 64 * P) == b"".join(rand_page(100 + i) for i in range(64))
-        assert store.check() == []
+        assert store.check().problems == []
     assert fully_written(slots)
     assert allocated_bytes(slots) == before
 
@@ -127,7 +127,7 @@ def test_metadata_outgrowing_its_preallocation_warns_and_works(
         store.write(0, pages)
         store.flush()
         assert store.read(0, len(pages)) == pages
-        assert store.check() == []
+        assert store.check().problems == []
     assert "outgrew its preallocated 1048576 bytes" in caplog.text
     assert os.path.getsize(os.path.join(path, "meta", "data.mdb")) > MIB
 

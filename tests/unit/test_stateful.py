@@ -116,7 +116,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def invariants_hold(self) -> None:
-        assert self.store.check() == []
+        assert self.store.check().problems == []
         meta = self.store._meta
         with meta.env.begin() as txn:
             mapped = Counter(

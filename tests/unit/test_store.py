@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from dedupblk.cli import main
+from dedupblk.sizes import parse_size
 from dedupblk.store import (
     BackendMismatch,
     FormatError,
@@ -28,7 +29,6 @@ from dedupblk.store import (
     check_store,
     create_store,
     open_store,
-    parse_size,
     read_statistics,
 )
 from dedupblk.store import backend as backend_module
@@ -84,7 +84,7 @@ def test_rewriting_identical_content_changes_nothing(store: Store) -> None:
     # LMDB may copy that page, so the metadata file's size is not compared.)
     after = store.statistics()
     assert dataclasses.replace(after, metadata_bytes=before.metadata_bytes) == before
-    assert store.check() == []
+    assert store.check().problems == []
 
 
 def test_overwrite_drops_old_reference_and_frees_slot(store: Store) -> None:
@@ -498,7 +498,7 @@ def test_cached_slot_contents_follow_slot_reuse(store_dir: str) -> None:
         assert [store.read(n * P, P) for n in range(4)] == [b, c, a, c]
         stats = store.statistics()
         assert (stats.mapped_pages, stats.stored_pages) == (4, 3)
-        assert store.check() == []
+        assert store.check().problems == []
 
 
 def test_parse_size() -> None:

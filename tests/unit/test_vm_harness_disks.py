@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.harness import Harness, KernelImage, VMError
+from testbed.vm import Harness, KernelImage, VMError
 
 
 def _make() -> Harness:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm import harness
-from tests.vm.harness import Harness, VMError
+from testbed import vm as harness
+from testbed.vm import Harness, VMError
 
 _PANIC = "[    1.811765] Kernel panic - not syncing: Fatal exception in interrupt"
 _STARTED = "vm-init: job starting at uptime 4.20"

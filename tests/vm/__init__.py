@@ -1,1 +1,1 @@
-"""Tests that boot a real Linux kernel under qemu (see harness.py)."""
+"""Tests that boot a real Linux kernel under qemu (see testbed/vm.py)."""

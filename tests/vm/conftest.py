@@ -1,7 +1,7 @@
 """Fixtures for the tests that boot a VM; every test under tests/vm is marked ``vm``.
 
 The ``vm`` fixture fetches the kernel and builds the initramfs once per session (see
-harness.py); each ``vm.run(command)`` then boots a fresh guest (about 5 s under TCG).
+testbed/vm.py); each ``vm.run(command)`` then boots a fresh guest (about 5 s under TCG).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import QEMU, Harness
+from testbed.vm import QEMU, Harness
 
 _HERE = Path(__file__).resolve().parent
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from testbed.vm import Harness
+
 from .guest.ublk_checks import RAW_DISK_MB
-from .harness import Harness
 
 REPO = Path(__file__).resolve().parents[2]
 GUEST = Path(__file__).resolve().parent / "guest" / "ublk_checks.py"

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from .harness import Harness, VMTimeout
+from testbed.vm import Harness, VMTimeout
 
 # Each check announces itself, so a failure (set -e: exit 1) names the last one announced.
 _GUEST_CHECKS = r"""

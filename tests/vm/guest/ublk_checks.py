@@ -21,12 +21,12 @@ Runs inside the VM with the project's venv python (``python tests/vm/guest/ublk_
   /scratch mounted without ``lazytime``; kept to reproduce the deadlock that section describes.
 - ``allocate BYTES [CGROUP]``: the memory hog itself (run as a child by the swap groups).
 
-Run a swap group by hand with ``python -m tests.vm.harness run --memory-mb 768 --scratch-mb 1024
+Run a swap group by hand with ``python -m testbed.vm run --memory-mb 768 --scratch-mb 1024
 --raw-disk-mb 640 [--save-console FILE] -- '.venv/bin/python tests/vm/guest/ublk_checks.py
 GROUP'``; while the hog runs, a ``swap-watch`` line in the kernel log (the console) every 20 s
 shows swap progress and the server threads' states, with the kernel stack of any of them in
 uninterruptible sleep.  Booted with ``--gdb SOCKET`` as well, a hung guest's vCPUs can be
-sampled from the host with ``python -m tests.vm.vcpu_stacks SOCKET``.
+sampled from the host with ``python -m testbed.vcpu_stacks SOCKET``.
 
 Every check prints ``ok: NAME`` when it passed; the first failure prints ``FAIL: NAME: why`` and
 exits 1, so the host test sees which one broke.  No check depends on timing.

@@ -1,9 +1,9 @@
 """What the vCPUs of a hung guest are running, from the host (a diagnosis tool, not a test).
 
-Boot the guest with ``python -m tests.vm.harness run --gdb SOCKET ...`` (no KASLR, qemu's gdb
+Boot the guest with ``python -m testbed.vm run --gdb SOCKET ...`` (no KASLR, qemu's gdb
 stub); while it hangs, run::
 
-    python -m tests.vm.vcpu_stacks SOCKET [--samples 5]
+    python -m testbed.vcpu_stacks SOCKET [--samples 5]
 
 For each sample and each vCPU it prints the instruction pointer (a kernel symbol, or "user
 mode") and the kernel text addresses found on the stack, innermost first: a heuristic backtrace
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from .harness import CACHE_DIR, Debug, Harness
+from .vm import CACHE_DIR, Debug, Harness
 
 _STACK_WORDS = 600
 _MAX_FRAMES = 40
@@ -100,7 +100,7 @@ def sample(socket: Path, symbols: Symbols) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.vm.vcpu_stacks", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m testbed.vcpu_stacks", description=__doc__)
     parser.add_argument("socket", type=Path, help="the --gdb socket of the running guest")
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--interval", type=float, default=3.0, help="seconds between samples")

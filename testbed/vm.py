@@ -10,7 +10,7 @@ checkout is) directly once ``make setup`` has made the venv: no copy, no install
 
 Use it from Python::
 
-    from tests.vm.harness import Harness, run_in_vm
+    from testbed.vm import Harness, run_in_vm
 
     result = run_in_vm("uname -r; ls /dev/ublk-control")      # fetches and builds on first use
     result.returncode, result.output, result.console
@@ -20,9 +20,9 @@ Use it from Python::
 
 or from a shell (prints the output, exits with the guest command's status)::
 
-    python -m tests.vm.harness run -- 'fio --version && cat /proc/swaps'
-    python -m tests.vm.harness run --console --scratch-mb 0 -- 'cat /proc/cmdline'
-    python -m tests.vm.harness prepare           # only fetch the kernel and build the initramfs
+    python -m testbed.vm run -- 'fio --version && cat /proc/swaps'
+    python -m testbed.vm run --console --scratch-mb 0 -- 'cat /proc/cmdline'
+    python -m testbed.vm prepare           # only fetch the kernel and build the initramfs
 
 What the guest command gets:
 
@@ -77,7 +77,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = REPO_ROOT / ".cache" / "vm"
 
 QEMU = "qemu-system-x86_64"
@@ -827,7 +827,7 @@ def _env_pair(pair: str) -> tuple[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tests.vm.harness",
+        prog="python -m testbed.vm",
         description="Boot Debian's 6.12 kernel under qemu and run one shell command in it. "
         "Exits with the command's status, or 125 if the VM itself failed.",
     )

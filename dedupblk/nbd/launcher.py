@@ -18,6 +18,7 @@ with `kill $(cat PIDFILE)` (the pidfile path is printed on stderr).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import signal
@@ -33,9 +34,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
-from dedupblk.store import InvalidRequest
+from dedupblk.errors import InvalidRequest, NbdError
 
-PLUGIN = Path(__file__).with_name("nbdkit_plugin.py")
+PLUGIN = Path(__file__).resolve().parents[1] / "frontends" / "nbdkit_plugin.py"
 # The directory that holds the `dedupblk` package (a checkout's root, or site-packages).
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 NBDKIT = "nbdkit"
@@ -46,11 +47,6 @@ READY_POLL_SECONDS = 0.02
 READY_TIMEOUT_SECONDS = 60.0
 WILDCARD_ADDRESSES = frozenset({"0.0.0.0", "::", "*"})  # noqa: S104  (recognised, not bound)
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
-
-
-class ServeError(InvalidRequest):
-    """A bad option, or a socket that is in use. An `InvalidRequest`, so the CLI's one error
-    boundary prints it as one line and exits 2."""
 
 
 def runtime_dir() -> Path:
@@ -64,7 +60,7 @@ def runtime_dir() -> Path:
     directory.mkdir(mode=0o700, exist_ok=True)
     info = directory.lstat()
     if info.st_uid != os.getuid() or info.st_mode & 0o077 or not directory.is_dir():
-        raise ServeError(f"{directory} is not a private directory owned by this user")
+        raise NbdError(f"{directory} is not a private directory owned by this user")
     return directory
 
 
@@ -157,22 +153,23 @@ def serve(
 
     Returns the exit code for the CLI: nbdkit's own in the foreground (0 after a clean stop by
     SIGTERM/SIGINT), 0 once the background server is up, and nbdkit's nonzero code if it failed
-    to start (its one-line error is already on stderr). Raises ServeError for bad options.
+    to start (its one-line error is already on stderr). Raises InvalidRequest for bad options and
+    NbdError when nbdkit cannot be started.
     """
     if socket is not None and port is not None:
-        raise ServeError("give either a socket or a port, not both")
+        raise InvalidRequest("give either a socket or a port, not both")
     if bind is not None and port is None:
-        raise ServeError("--bind needs --port (a Unix socket has no address)")
+        raise InvalidRequest("--bind needs --port (a Unix socket has no address)")
     if port is not None and not 0 < port < 65536:
-        raise ServeError(f"bad port {port}: must be 1-65535")
+        raise InvalidRequest(f"bad port {port}: must be 1-65535")
     if tls is not None and tls not in TLS_MODES:
-        raise ServeError(f"bad TLS mode {tls!r}: use one of {', '.join(TLS_MODES)}")
+        raise InvalidRequest(f"bad TLS mode {tls!r}: use one of {', '.join(TLS_MODES)}")
     if tls_certificates is not None and not os.path.isdir(tls_certificates):
-        raise ServeError(f"TLS certificates directory {tls_certificates} does not exist")
+        raise InvalidRequest(f"TLS certificates directory {tls_certificates} does not exist")
     if port is None:
         socket = os.path.abspath(socket) if socket is not None else str(default_socket(store_path))
         if len(os.fsencode(socket)) > UNIX_PATH_MAX:
-            raise ServeError(f"socket path {socket} is longer than {UNIX_PATH_MAX} bytes")
+            raise InvalidRequest(f"socket path {socket} is longer than {UNIX_PATH_MAX} bytes")
         _remove_stale_socket(socket)
         pidfile = socket + ".pid"
     else:
@@ -201,7 +198,7 @@ def serve(
             process_group=0,
         )
     except FileNotFoundError:
-        raise ServeError(f"{NBDKIT} is not installed (apt-get install nbdkit)") from None
+        raise NbdError(f"{NBDKIT} is not installed (apt-get install nbdkit)") from None
     with _forward_signals(process):
         if not _wait_ready(process, pidfile, foreground=foreground):
             code = process.wait()
@@ -230,7 +227,7 @@ def _remove_stale_socket(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise ServeError(f"{path} exists and is not a socket")
+        raise InvalidRequest(f"{path} exists and is not a socket")
     probe = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
     try:
         probe.connect(path)
@@ -239,7 +236,7 @@ def _remove_stale_socket(path: str) -> None:
         return
     finally:
         probe.close()
-    raise ServeError(f"{path} is in use by another server")
+    raise NbdError(f"{path} is in use by another server", errno=errno.EADDRINUSE)
 
 
 def _wait_ready(process: subprocess.Popen[bytes], pidfile: str, *, foreground: bool) -> bool:
