@@ -28,7 +28,7 @@ class Result:
     duplicates: int  # percent
     writes_per_s: float
     reads_per_s: float
-    dedup_ratio: float
+    dedup_ratio: float | None
     stored_pages: int
 
 
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"{percent:>9}% {statistics.median(r.writes_per_s for r in results):>12,.0f} "
                 f"{statistics.median(r.reads_per_s for r in results):>12,.0f} "
-                f"{statistics.median(r.dedup_ratio for r in results):>12.2f} "
+                f"{statistics.median(r.dedup_ratio or 1.0 for r in results):>12.2f} "
                 f"{statistics.median(r.stored_pages for r in results):>13,.0f}"
             )
     return 0

@@ -6,10 +6,11 @@ and its exit code; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -18,7 +19,9 @@ import click
 from .errors import DedupblkError, InvalidRequest
 from .sizes import parse_size
 from .store import check_store, create_store, open_store, read_statistics
-from .store.format import DEFAULT_MAX_SHARE, FINGERPRINT_NAMES
+from .store.check import describe_range
+from .store.format import DEFAULT_MAX_SHARE, FINGERPRINT_NAMES, FORMAT_VERSION
+from .store.upgrade import upgrade_store
 
 
 class _Group(click.Group):
@@ -149,27 +152,15 @@ def stats(store: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--repair", is_flag=True, help="Fix what can be fixed from the mappings.")
 def check(store: str, as_json: bool, repair: bool) -> None:
-    """Verify every invariant of STORE; exit 1 if any is broken."""
-    bar: Any = None
-    progress: Callable[[int], None] | None = None
-    on_total: Callable[[int], None] | None = None
-    if sys.stderr.isatty() and not as_json:
+    """Verify every invariant of STORE.
 
-        def start(total: int) -> None:
-            nonlocal bar
-            bar = click.progressbar(length=total, label="checking", file=sys.stderr)
-            bar.__enter__()
-
-        def step(n: int) -> None:
-            if bar is not None:
-                bar.update(n)
-
-        progress, on_total = step, start
-    try:
+    Exit status: 0 clean (or repaired with no data lost), 1 problems found, 3 repaired but data
+    was lost (those byte ranges now read as EIO), 4 the metadata file itself is damaged (no
+    repair can rebuild from it).
+    """
+    with _progress("checking", enabled=not as_json) as (progress, on_total):
         result = check_store(store, repair=repair, progress=progress, on_total=on_total)
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
+    lost = [describe_range(first, length) for first, length in result.lost]
     if as_json:
         click.echo(
             json.dumps(
@@ -178,6 +169,8 @@ def check(store: str, as_json: bool, repair: bool) -> None:
                     "repaired": result.repaired,
                     "checks": list(result.checks),
                     "problems": [asdict(p) for p in result.problems],
+                    "lost": [{"offset": f, "length": n} for f, n in result.lost],
+                    "unrepairable": result.unrepairable,
                 },
                 indent=2,
             )
@@ -187,10 +180,62 @@ def check(store: str, as_json: bool, repair: bool) -> None:
             click.echo(f"{problem.check}: {problem.message}")
         if not result.problems:
             click.echo(f"clean: {len(result.checks)} checks passed ({', '.join(result.checks)})")
+        elif result.unrepairable:
+            click.echo("the metadata file itself is damaged: no repair can rebuild it")
         elif result.repaired:
             click.echo(f"repaired {len(result.problems)} problems; run check again to confirm")
+        for text in lost:
+            click.echo(f"data lost: {text} now read as EIO until written or trimmed")
+    if result.unrepairable:
+        sys.exit(4)
+    if result.repaired and result.lost:
+        sys.exit(3)
     if result.problems and not result.repaired:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+def upgrade(store: str) -> None:
+    """Convert STORE from format version 1 to the current version, in place.
+
+    The slots stay where they are; the new metadata is built beside the old one and swapped in
+    at the end, so a store interrupted at any moment opens as the old version or the new.
+    """
+    with _progress("upgrading", enabled=True) as (progress, on_total):
+        result = upgrade_store(store, progress=progress, on_total=on_total)
+    if result.from_version == FORMAT_VERSION:
+        click.echo(f"{store} already has format version {FORMAT_VERSION}")
+        return
+    click.echo(
+        f"upgraded {store} from format version {result.from_version} to {FORMAT_VERSION}: "
+        f"{result.pages} pages, {result.slots} slots, {result.index_entries} index entries"
+    )
+
+
+@contextlib.contextmanager
+def _progress(
+    label: str, *, enabled: bool
+) -> Iterator[tuple[Callable[[int], None] | None, Callable[[int], None] | None]]:
+    """(progress, on_total) callbacks drawing a bar on a terminal's stderr, else (None, None)."""
+    if not (enabled and sys.stderr.isatty()):
+        yield None, None
+        return
+    bars: list[Any] = []
+
+    def start(total: int) -> None:
+        bars.append(click.progressbar(length=total, label=label, file=sys.stderr))
+        bars[0].__enter__()
+
+    def step(n: int) -> None:
+        if bars:
+            bars[0].update(n)
+
+    try:
+        yield step, start
+    finally:
+        if bars:
+            bars[0].__exit__(None, None, None)
 
 
 @main.command()

@@ -80,6 +80,16 @@ class BackendError(StoreError):
     """The backend failed an I/O (the OSError is chained as __cause__)."""
 
 
+class SyncFailed(BackendError):
+    """Making data durable failed (fdatasync, msync): what reached the disk is unknown, so the
+    store refuses writes until it is reopened."""
+
+
+class DataLost(StoreError):
+    """A page whose data was found damaged (``check --repair``): it reads as a medium error
+    until it is written or trimmed."""
+
+
 class UblkError(DedupblkError):
     """The ublk side failed: no driver, a control command refused, a queue that could not
     start. A refused command carries the kernel's errno."""

@@ -131,6 +131,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import ClassVar, Final, Protocol, Self
 
+from dedupblk.errors import DedupblkError, InvalidRequest, UblkError
 from dedupblk.frontends.io_uring import (
     SETUP_COOP_TASKRUN,
     SETUP_DEFER_TASKRUN,
@@ -140,7 +141,6 @@ from dedupblk.frontends.io_uring import (
     IoUring,
     Mapping,
 )
-from dedupblk.errors import DedupblkError, InvalidRequest, UblkError
 from dedupblk.store import PAGE_SIZE, Store, open_store
 
 log = logging.getLogger(__name__)

@@ -23,12 +23,14 @@ import struct
 import threading
 from collections.abc import Iterable, Sequence
 
-from ..errors import BackendError, BackendMismatch, StoreFull
+from ..errors import BackendError, BackendMismatch, StoreFull, SyncFailed
+from ..libc import function
 from .format import (
     BACKEND_HEADER,
     BACKEND_MAGIC,
     BACKEND_PREALLOCATED,
-    FORMAT_VERSION,
+    BACKEND_VERSION,
+    FILE_MODE,
     HEADER_SLOT,
     PAGE_SIZE,
 )
@@ -46,10 +48,9 @@ BLOCK_DIO_MAX_PAGES = 256
 ZERO_CHUNK = 1 << 20  # bytes of zeros per write when preallocating
 log = logging.getLogger(__name__)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
+_fallocate = function(
+    "fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64
+)
 
 
 def device_size(fd: int) -> int:
@@ -106,7 +107,6 @@ class Backend:
         uuid: bytes,
         *,
         preallocate: bool = False,
-        reuse: bool = False,
     ) -> Backend:
         """Create (regular file) or adopt (block device, existing file) a backend; write the header.
 
@@ -114,20 +114,23 @@ class Backend:
         ``preallocate`` a file backend is then written in full with zeros (every hole filled)
         and synced, so that no later slot write allocates a block; the header says so, and the
         file is never punched. A block device needs no preallocation and keeps its discards.
-        A backend whose header names a store is refused unless ``reuse``.
+        Whose the backend is was settled before (`dedupblk.store.claims`).
         """
         if not os.path.exists(path):
             if capacity_bytes is None:
                 raise BackendMismatch(f"backend {path} does not exist")
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
+            except OSError as exc:
+                raise BackendError(f"cannot create backend {path}: {exc.strerror}") from exc
             try:
                 os.ftruncate(fd, capacity_bytes)
+            except OSError as exc:
+                raise BackendError(f"cannot size backend {path}: {exc.strerror}") from exc
             finally:
                 os.close(fd)
         backend = cls(path, readonly=False)
         try:
-            if not reuse:
-                backend._refuse_another_store()
             if not backend.is_block and capacity_bytes is not None:
                 current = device_size(backend.fd)
                 if current < capacity_bytes:
@@ -144,16 +147,6 @@ class Backend:
             raise
         return backend
 
-    def _refuse_another_store(self) -> None:
-        """Refuse to adopt a backend whose slot 0 is a dedupblk header: it holds the slots of
-        another store, which a new header would orphan."""
-        raw = os.pread(self.fd, BACKEND_HEADER.size, HEADER_SLOT * PAGE_SIZE)
-        if len(raw) == BACKEND_HEADER.size and raw.startswith(BACKEND_MAGIC):
-            raise BackendMismatch(
-                f"backend {self.path} already holds the slots of a dedupblk store: "
-                f"give --reuse-backend to abandon them for a new store"
-            )
-
     def capacity_slots(self) -> int:
         return device_size(self.fd) // PAGE_SIZE
 
@@ -165,7 +158,7 @@ class Backend:
         magic, version, found, flags = BACKEND_HEADER.unpack(raw)
         if magic != BACKEND_MAGIC:
             raise BackendMismatch(f"backend {self.path} has no dedupblk header")
-        if version != FORMAT_VERSION:
+        if version != BACKEND_VERSION:
             raise BackendMismatch(f"backend {self.path} has unknown format version {version}")
         if found != uuid:
             raise BackendMismatch(f"backend {self.path} belongs to another store")
@@ -279,7 +272,7 @@ class Backend:
         try:
             os.fdatasync(self.fd)
         except OSError as exc:
-            raise BackendError(f"syncing backend {self.path}: {exc.strerror}") from exc
+            raise SyncFailed(f"syncing backend {self.path}: {exc.strerror}") from exc
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -293,7 +286,7 @@ class Backend:
 
 
 def _header_page(uuid: bytes, flags: int) -> bytes:
-    header = BACKEND_HEADER.pack(BACKEND_MAGIC, FORMAT_VERSION, uuid, flags)
+    header = BACKEND_HEADER.pack(BACKEND_MAGIC, BACKEND_VERSION, uuid, flags)
     return header + bytes(PAGE_SIZE - len(header))
 
 
@@ -333,3 +326,12 @@ def fill_holes(fd: int, end: int, what: str) -> None:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StoreFull(f"no space to preallocate {what}: {exc.strerror}") from exc
         raise BackendError(f"preallocating {what}: {exc.strerror}") from exc
+
+
+def sync_file(path: str) -> None:
+    """fsync a file or a directory (so that the entries made in it survive a power cut)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

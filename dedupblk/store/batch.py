@@ -1,49 +1,106 @@
-"""One commit: the pending pages of a batch applied to the map, refcounts, index and free slots
-inside one LMDB write transaction (see "Write order and durability" in `dedupblk.store.format`)."""
+"""One commit: the pending pages of a batch applied to the map, the refcounts, the fingerprint
+words and the index inside one LMDB write transaction (see "Write order and durability" in
+`dedupblk.store.format`).
+
+Every record a batch changes is read once into a private copy, changed there, and written back
+once at the end, so a batch of many pages costs one put per chunk, bucket and fill record it
+touches. Refcount increments are made at once; decrements wait for the end of the batch, so a
+slot a page stops naming is never taken for new data within the same batch, and a page's new
+reference is counted before its old one is dropped.
+
+A batch only reads the store's free-slot counts (`SlotCounts`); the changes it would make are
+kept here and applied by the store after the commit succeeded, so a transaction that is retried
+(a grown map) or fails changes nothing in memory.
+"""
 
 from __future__ import annotations
 
+import struct
+from array import array
 from typing import Any
 
-from ..errors import StoreFull
+from ..errors import DedupblkError, StoreFull
 from .backend import Backend
 from .fingerprint import FILL, ZERO, FingerprintFn
 from .format import (
-    INDEX_ENTRY,
+    FILL_ENTRY,
+    FIRST_DATA_SLOT,
+    FP_CHUNK_SLOTS,
     KEY_STATE,
-    KIND_FILL,
-    KIND_SLOT,
-    MAP_ENTRY,
-    REF,
+    LOST_ENTRY,
+    MAP_CHUNK_PAGES,
+    REF_CHUNK_SLOTS,
+    U32BE,
     U64BE,
+    U64LE,
     Config,
     State,
+    fill_key,
+    map_key,
 )
 from .meta import Meta
 
 # A pending page: (kind, fill word, page bytes for DATA).
 Pending = tuple[int, int, bytes | None]
 ZERO_PENDING: Pending = (ZERO, 0, None)
-_pack_u64 = U64BE.pack
-_unpack_map = MAP_ENTRY.unpack
-_pack_map = MAP_ENTRY.pack
-_unpack_ref = REF.unpack
-_pack_ref = REF.pack
-_unpack_index = INDEX_ENTRY.unpack
-_pack_index = INDEX_ENTRY.pack
 
-# Outcomes of looking a page's fingerprint up (in `Batch.apply`).
-_HIT, _NEW, _FULL, _COLLISION = range(4)
+_U32 = struct.Struct("<I")
+_unpack_u32 = _U32.unpack_from
+_pack_u32 = _U32.pack_into
+_pack_u64be = U64BE.pack
+_pack_u32be = U32BE.pack
+_EMPTY_MAP_CHUNK = bytes(MAP_CHUNK_PAGES * 4)
+_EMPTY_REF_CHUNK = bytes(REF_CHUNK_SLOTS)
+_EMPTY_FP_CHUNK = bytes(FP_CHUNK_SLOTS * 4)
+
+
+class WriteFailed(Exception):
+    """The batch's new slot data could not be written (or synced); ``error`` says why. Nothing
+    of the transaction is committed."""
+
+    def __init__(self, error: DedupblkError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _NeedsSlot(Exception):
+    """A page that needs a new slot, in a batch that may not write any (``new_data=False``)."""
+
+
+class SlotCounts:
+    """The store's view of its free slots, in memory: how many allocatable slots each refs chunk
+    holds (refcount 0, not slot 0, below the capacity, and released), where the next search
+    starts, and the slots freed by recent commits that are not released yet."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        chunks = -(-capacity // REF_CHUNK_SLOTS)
+        self.free_in_chunk = array("I", bytes(4 * chunks))
+        self.total = 0
+        self.rover = FIRST_DATA_SLOT
+        self.unreleased: set[int] = set()
+
+    def count_chunk(self, chunk: int, refs: bytes | memoryview | None) -> None:
+        """Set a chunk's count from its refcounts (None: the chunk has no record, all free)."""
+        first = chunk * REF_CHUNK_SLOTS
+        end = min(self.capacity, first + REF_CHUNK_SLOTS)
+        free = end - first if refs is None else bytes(refs[: end - first]).count(0)
+        if first == 0:
+            free -= 1  # the header slot
+        free -= sum(1 for slot in self.unreleased if first <= slot < end)
+        self.total += free - self.free_in_chunk[chunk]
+        self.free_in_chunk[chunk] = free
+
+    def release(self, slots: list[int]) -> None:
+        """Make slots freed by a commit that is now safe to reuse allocatable."""
+        for slot in slots:
+            self.unreleased.discard(slot)
+            self.free_in_chunk[slot // REF_CHUNK_SLOTS] += 1
+        self.total += len(slots)
 
 
 class Batch:
-    """One commit: applies pending pages to the map, refcounts, index and free slots inside one
-    write transaction. Page data for new slots is written to the backend before `apply` returns,
-    that is before the transaction commits (write order steps 1-2 of the format spec).
-
-    Refcount changes are summed per slot and written once at the end, so a page's new reference
-    is always counted before its old one is dropped, and a batch full of duplicates reads and
-    writes each shared slot's refcount once."""
+    """The changes of one commit, made inside ``txn``; see the module docstring."""
 
     def __init__(
         self,
@@ -55,211 +112,282 @@ class Batch:
         state: State,
         fingerprint: FingerprintFn,
         slot_cache: dict[int, bytes],
-        free_count: int,
+        counts: SlotCounts,
+        durable: bool,
+        new_data: bool = True,
     ) -> None:
         self.txn = txn
         self.meta = meta
         self.backend = backend
         self.config = config
         self.fingerprint = fingerprint
-        self.bounded = config.max_index_entries > 0
-        self.state = State(
-            state.slot_high, state.mapped_pages, state.same_filled_pages, state.next_seq, 0
-        )
-        self.new_data: dict[int, bytes] = {}  # slot -> page, for slots allocated in this batch
-        self.new_refs: dict[int, bytes] = {}  # slot -> fingerprint, likewise
-        self.deltas: dict[int, int] = {}  # slot -> refcount change in this batch
-        # slot -> (refcount, fingerprint) before this batch, read lazily
-        self.committed: dict[int, tuple[int, bytes]] = {}
-        self.targets: dict[bytes, tuple[int, bytes | None]] = {}  # fp -> (slot, index record)
-        self.stored: dict[int, bytes] = {}  # slot -> bytes read for verification
         self.cache = slot_cache  # committed slots' contents (read-only here)
-        self.allocated = 0  # slots taken from the free ones or the never-used ones
+        self.counts = counts  # read-only here; see `allocated_by_chunk`
+        self.durable = durable
+        self.may_allocate = new_data
+        self.state = state.copy()
+        self.state.clean = 0
+        self.shift = 32 - config.bucket_bits
+        self.cap = config.bucket_cap
+        self.map_chunks: dict[int, bytearray] = {}
+        self.ref_chunks: dict[int, bytearray] = {}
+        self.fp_chunks: dict[int, bytearray] = {}
+        self.buckets: dict[int, bytearray] = {}
+        # What was changed, so that what was only looked at is not written back.
+        self.dirty_map: set[int] = set()
+        self.dirty_refs: set[int] = set()
+        self.dirty_fps: set[int] = set()
+        self.dirty_buckets: set[int] = set()
+        self.fill_words: dict[int, int] = {}  # page -> word to put
+        self.fill_deletes: set[int] = set()
+        self.decrements: dict[int, int] = {}  # slot -> references to drop at the end
+        self.new_data: dict[int, bytes] = {}  # slot -> page, for slots allocated here
+        self.stored: dict[int, bytes] = {}  # slot -> bytes read for verification
         self.dead: list[int] = []  # slots whose last reference this batch dropped
-        self.free_cursor: Any = None
-        self.free_left = free_count
-        self.index_entries = self.meta.entries(txn, self.meta.index) if self.bounded else 0
-        # Lookups through cursors: cheaper than txn.get(..., db=...) per call.
-        self.refs_get = txn.cursor(db=self.meta.refs).get
-        self.index_get = txn.cursor(db=self.meta.index).get
+        self.allocated_by_chunk: dict[int, int] = {}  # refs chunk -> slots taken from it
+        self.rover = counts.rover
+        self.get = txn.get
+
+    # -- records, read once into private copies ------------------------------------------------
+
+    def _map_chunk(self, chunk: int) -> bytearray:
+        found = self.map_chunks.get(chunk)
+        if found is None:
+            raw = self.get(map_key(chunk), db=self.meta.map)
+            found = self.map_chunks[chunk] = bytearray(raw if raw is not None else _EMPTY_MAP_CHUNK)
+        return found
+
+    def _ref_chunk(self, chunk: int) -> bytearray:
+        found = self.ref_chunks.get(chunk)
+        if found is None:
+            raw = self.get(_pack_u64be(chunk), db=self.meta.refs)
+            found = self.ref_chunks[chunk] = bytearray(raw if raw is not None else _EMPTY_REF_CHUNK)
+        return found
+
+    def _fp_chunk(self, chunk: int) -> bytearray:
+        found = self.fp_chunks.get(chunk)
+        if found is None:
+            raw = self.get(_pack_u64be(chunk), db=self.meta.fps)
+            found = self.fp_chunks[chunk] = bytearray(raw if raw is not None else _EMPTY_FP_CHUNK)
+        return found
+
+    def _bucket(self, bucket: int) -> bytearray:
+        found = self.buckets.get(bucket)
+        if found is None:
+            raw = self.get(_pack_u32be(bucket), db=self.meta.index)
+            found = self.buckets[bucket] = bytearray(raw if raw is not None else b"")
+        return found
+
+    # -- applying pages ------------------------------------------------------------------------
 
     def apply(self, batch: dict[int, Pending]) -> State:
-        txn, state, deltas = self.txn, self.state, self.deltas
-        # A cursor's calls cost less than the transaction's (no database argument), and
-        # `replace` writes a record and returns the old one in a single tree descent.
-        map_cursor = txn.cursor(db=self.meta.map)
-        get, replace, pop = map_cursor.get, map_cursor.replace, map_cursor.pop
-        fingerprint, targets, index_get = self.fingerprint, self.targets, self.index_get
-        committed, refs_get, max_share = self.committed, self.refs_get, self.config.max_share
-        new_data, stored, cache = self.new_data, self.stored, self.cache
+        """Apply every pending page, write new slot data (synced first in a durable store) and
+        put every changed record; the caller commits."""
+        state = self.state
         for page in sorted(batch):
             kind, word, content = batch[page]
-            key = _pack_u64(page)
+            chunk_no, at = divmod(page, MAP_CHUNK_PAGES)
+            chunk = self._map_chunk(chunk_no)
+            at *= 4
+            old: int = _unpack_u32(chunk, at)[0]
             if kind == ZERO:
-                raw_old = pop(key)
+                new = 0
             elif kind == FILL:
-                raw_old = replace(key, _pack_map(KIND_FILL, word))
-                state.same_filled_pages += 1  # a rewrite of the same word nets out below
+                new = FILL_ENTRY
+                self.fill_words[page] = word
+                self.fill_deletes.discard(page)
             else:
                 assert content is not None
-                fp = fingerprint(content)
-                # The dedup target: the indexed slot, if it holds these very bytes (never trust
-                # a fingerprint alone) and may take one more reference.
-                known = targets.get(fp)
-                if known is None:
-                    raw = index_get(fp)
-                    known = targets[fp] = (_unpack_index(raw)[0] if raw else 0, raw)
-                target = known[0]
-                outcome = _NEW
-                if target:
-                    held = new_data.get(target) or stored.get(target) or cache.get(target)
-                    if held is None:
-                        held = stored[target] = self.backend.read_slot(target)
-                    if held != content:
-                        outcome = _COLLISION
-                    else:
-                        ref = committed.get(target)
-                        if ref is None:
-                            raw = refs_get(_pack_u64(target))
-                            ref = committed[target] = _unpack_ref(raw) if raw else (0, fp)
-                        if ref[0] + deltas.get(target, 0) < max_share:
-                            outcome = _HIT
-                        else:
-                            outcome = _FULL
-                            raw_old = get(key)
-                            if raw_old == _pack_map(KIND_SLOT, target):
-                                continue  # already shares it: no new reference needed
-                if outcome == _HIT:
-                    record = _pack_map(KIND_SLOT, target)
-                    raw_old = replace(key, record)
-                    if raw_old == record:
-                        continue  # rewrote the content the page already had
-                    deltas[target] = deltas.get(target, 0) + 1
-                else:
-                    target = self._store_new(fp, content, outcome)
-                    raw_old = replace(key, _pack_map(KIND_SLOT, target))
-                state.mapped_pages += 1
-            if raw_old is None:
-                continue
-            old_kind, old_value = _unpack_map(raw_old)
-            if old_kind == KIND_SLOT:
-                state.mapped_pages -= 1
-                deltas[old_value] = deltas.get(old_value, 0) - 1
-            elif old_kind == KIND_FILL:
+                try:
+                    new = self._place(content, old)
+                except _NeedsSlot:
+                    continue  # dropped: the page keeps its committed content
+            if new == old:
+                continue  # the same slot again, or a fill whose word was just replaced
+            _pack_u32(chunk, at, new)
+            self.dirty_map.add(chunk_no)
+            if old == FILL_ENTRY:
                 state.same_filled_pages -= 1
-        self._apply_refcounts()
-        if self.bounded and self.index_entries > self.config.max_index_entries:
-            self._prune_index()
-        if new_data:
-            self.backend.write_slots(list(new_data.items()))
-        txn.put(KEY_STATE, state.pack(), db=self.meta.info)
+                self.fill_words.pop(page, None)
+                self.fill_deletes.add(page)
+            elif old == LOST_ENTRY:
+                state.lost_pages -= 1
+            elif old:
+                state.mapped_pages -= 1
+                self.decrements[old] = self.decrements.get(old, 0) + 1
+            if new == FILL_ENTRY:
+                state.same_filled_pages += 1
+            elif new:
+                state.mapped_pages += 1
+        self._drop_references()
+        if self.new_data:
+            try:
+                self.backend.write_slots(list(self.new_data.items()))
+                if self.durable:
+                    self.backend.sync()  # the data before the commit that maps it
+            except DedupblkError as exc:
+                raise WriteFailed(exc) from exc
+        self._put_records()
         return state
 
-    def _store_new(self, fp: bytes, content: bytes, outcome: int) -> int:
-        """Put ``content`` in a newly allocated slot. A new fingerprint, or one whose slot reached
-        max-share, makes the new slot the dedup target; a collision keeps the indexed one."""
+    def _place(self, content: bytes, old: int) -> int:
+        """The slot for a DATA page: a verified duplicate with room for one more reference, or a
+        newly allocated slot that becomes the dedup target for these bytes."""
+        fp = self.fingerprint(content)
+        head = int.from_bytes(fp[:4], "big")
+        bucket_no = head >> self.shift
+        tag = fp[4:6]
+        bucket = self._bucket(bucket_no)
+        tags = len(bucket) // 3  # bytes of the tag region: 2 of every 6
+        full_slot = 0
+        at = bucket.find(tag, 0, tags)
+        while at != -1:
+            if not at & 1:
+                slot: int = _unpack_u32(bucket, tags + at * 2)[0]
+                held = self._contents(slot)
+                if held == content:
+                    if slot == old:
+                        return old  # rewrote the bytes the page already had
+                    refs = self._ref_chunk(slot // REF_CHUNK_SLOTS)
+                    i = slot % REF_CHUNK_SLOTS
+                    if refs[i] < self.config.max_share:
+                        refs[i] += 1
+                        self.dirty_refs.add(slot // REF_CHUNK_SLOTS)
+                        return slot
+                    full_slot = slot
+            at = bucket.find(tag, at + 1, tags)
+        if not self.may_allocate:
+            raise _NeedsSlot
         slot = self._allocate()
         self.new_data[slot] = content
-        self.new_refs[slot] = fp
-        self.deltas[slot] = 1
-        self.committed[slot] = (0, fp)
-        if outcome != _COLLISION:
-            raw_old = self.targets[fp][1]
-            raw_new = self._index(fp, slot, raw_old)
-            self.targets[fp] = (slot, raw_new)
+        self._ref_chunk(slot // REF_CHUNK_SLOTS)[slot % REF_CHUNK_SLOTS] = 1
+        self.dirty_refs.add(slot // REF_CHUNK_SLOTS)
+        _pack_u32(self._fp_chunk(slot // FP_CHUNK_SLOTS), (slot % FP_CHUNK_SLOTS) * 4, head)
+        self.dirty_fps.add(slot // FP_CHUNK_SLOTS)
+        self.state.stored_slots += 1
+        if full_slot:
+            self._unindex(bucket_no, full_slot)  # the new slot takes its place as the target
+        self._index(bucket_no, tag, slot)
         return slot
 
-    def _apply_refcounts(self) -> None:
-        txn, meta = self.txn, self.meta
-        refsdb = meta.refs
-        for slot, delta in self.deltas.items():
-            key = _pack_u64(slot)
-            new_fp = self.new_refs.get(slot)
-            if new_fp is not None:
-                txn.put(key, _pack_ref(delta, new_fp), db=refsdb)
-                continue
-            if not delta:
-                continue
-            ref = self.committed.get(slot)
-            refcount, fp = ref if ref is not None else _unpack_ref(txn.get(key, db=refsdb))
-            if refcount + delta > 0:
-                txn.put(key, _pack_ref(refcount + delta, fp), db=refsdb)
-                continue
-            # Last reference: the slot's death, its index entry and its deferred free commit
-            # together.
-            txn.delete(key, db=refsdb)
-            raw_index = txn.get(fp, db=meta.index)
-            if raw_index is not None:
-                indexed_slot, seq = _unpack_index(raw_index)
-                if indexed_slot == slot:
-                    txn.delete(fp, db=meta.index)
-                    if self.bounded:
-                        txn.delete(_pack_u64(seq), db=meta.age)
-                        self.index_entries -= 1
-            txn.put(key, b"", db=meta.deferred)
-            self.dead.append(slot)
+    def _contents(self, slot: int) -> bytes:
+        held = self.new_data.get(slot) or self.cache.get(slot) or self.stored.get(slot)
+        if held is None:
+            held = self.stored[slot] = self.backend.read_slot(slot)
+        return held
 
-    def _index(self, fp: bytes, slot: int, raw_old: bytes | None) -> bytes:
-        txn, meta, state = self.txn, self.meta, self.state
-        seq = state.next_seq
-        state.next_seq += 1
-        raw = _pack_index(slot, seq)
-        txn.put(fp, raw, db=meta.index)
-        if self.bounded:
-            if raw_old is not None:
-                txn.delete(_pack_u64(_unpack_index(raw_old)[1]), db=meta.age)
+    def _index(self, bucket_no: int, tag: bytes, slot: int) -> None:
+        """Add (tag, slot) as the newest entry of its bucket; with a bound, then drop the oldest
+        entries of singly-referenced slots (the new one too, if it is the only one) until the
+        bucket is within its share: shared slots keep theirs, so it may stay above."""
+        bucket = self._bucket(bucket_no)
+        n = len(bucket) // 6
+        bucket[n * 2 : n * 2] = tag
+        bucket += _U32.pack(slot)
+        self.dirty_buckets.add(bucket_no)
+        self.state.index_entries += 1
+        if self.cap and n + 1 > self.cap:
+            self._prune(bucket_no, n + 1)
+
+    def _prune(self, bucket_no: int, n: int) -> None:
+        bucket = self._bucket(bucket_no)
+        i = 0
+        while n > self.cap and i < n:
+            slot: int = _unpack_u32(bucket, n * 2 + i * 4)[0]
+            if self._ref_chunk(slot // REF_CHUNK_SLOTS)[slot % REF_CHUNK_SLOTS] == 1:
+                self._remove_entry(bucket_no, n, i)
+                n -= 1
             else:
-                self.index_entries += 1
-            txn.put(_pack_u64(seq), fp, db=meta.age)
-        return raw
+                i += 1
 
-    def _prune_index(self) -> None:
-        """Drop the oldest index entries of singly-referenced slots until the index is a little
-        under its bound (the slots and their mappings stay; the pages stop being dedup targets).
-        Entries of shared slots are kept, so a bound smaller than the shared slots is exceeded."""
-        txn, meta = self.txn, self.meta
-        limit = self.config.max_index_entries
-        target = limit - max(1, limit // 32)
-        cursor = txn.cursor(db=meta.age)
-        if not cursor.first():
-            return
-        while self.index_entries > target:
-            if not cursor.key():  # a delete of the last record leaves the cursor past the end
-                return
-            fp = cursor.value()
-            raw_index = txn.get(fp, db=meta.index)
-            if raw_index is None:  # cannot happen while the age invariant holds; heal it anyway
-                if not cursor.delete():
-                    return
-                continue
-            slot = _unpack_index(raw_index)[0]
-            refcount = _unpack_ref(txn.get(_pack_u64(slot), db=meta.refs))[0]
-            if refcount == 1:
-                txn.delete(fp, db=meta.index)
-                self.index_entries -= 1
-                if not cursor.delete():
-                    return
-            elif not cursor.next():
-                return
+    def _unindex(self, bucket_no: int, slot: int) -> None:
+        """Remove ``slot``'s entry from its bucket, if it has one."""
+        bucket = self._bucket(bucket_no)
+        n = len(bucket) // 6
+        key = _U32.pack(slot)
+        at = bucket.find(key, n * 2)
+        while at != -1 and (at - n * 2) % 4:
+            at = bucket.find(key, at + 1)
+        if at != -1:
+            self._remove_entry(bucket_no, n, (at - n * 2) // 4)
+
+    def _remove_entry(self, bucket_no: int, n: int, i: int) -> None:
+        bucket = self._bucket(bucket_no)
+        del bucket[n * 2 + i * 4 : n * 2 + i * 4 + 4]
+        del bucket[i * 2 : i * 2 + 2]
+        self.dirty_buckets.add(bucket_no)
+        self.state.index_entries -= 1
 
     def _allocate(self) -> int:
-        """A slot no committed mapping names: a free slot (never one freed since the last flush:
-        those are deferred), else a never-used slot. `StoreFull` when there is none."""
-        state = self.state
-        # The store counts its free slots: no lookup while it knows there are none (and a last
-        # look before giving up, should the count be behind).
-        if self.free_left or state.slot_high >= self.config.slot_capacity:
-            if self.free_cursor is None:
-                self.free_cursor = self.txn.cursor(db=self.meta.free)
-            cursor = self.free_cursor
-            if cursor.first():
-                slot: int = U64BE.unpack(cursor.key())[0]
-                cursor.delete()
-                self.allocated += 1
-                self.free_left = max(0, self.free_left - 1)
-                return slot
-        if state.slot_high < self.config.slot_capacity:
-            state.slot_high += 1
-            self.allocated += 1
-            return state.slot_high - 1
+        """A free, released slot (see the format's write order): the next one after the last
+        taken (wrapping around), so that a batch's new slots lie together and its fingerprint
+        words and refcounts are few records to rewrite. The search skips chunks the counts say
+        are full. `StoreFull` when there is none."""
+        counts = self.counts
+        chunks = len(counts.free_in_chunk)
+        taken = self.allocated_by_chunk
+        first = self.rover // REF_CHUNK_SLOTS
+        for step in range(chunks + 1):
+            chunk_no = (first + step) % chunks
+            if counts.free_in_chunk[chunk_no] - taken.get(chunk_no, 0) <= 0:
+                continue
+            refs = self._ref_chunk(chunk_no)
+            base = chunk_no * REF_CHUNK_SLOTS
+            at = refs.find(0, self.rover - base if step == 0 and self.rover > base else 0)
+            while at != -1:
+                slot = base + at
+                if slot >= counts.capacity:
+                    break
+                if slot >= FIRST_DATA_SLOT and slot not in counts.unreleased:
+                    taken[chunk_no] = taken.get(chunk_no, 0) + 1
+                    self.rover = slot + 1 if slot + 1 < counts.capacity else FIRST_DATA_SLOT
+                    return slot
+                at = refs.find(0, at + 1)
         raise StoreFull(f"no free slot in backend {self.backend.path}")
+
+    def _drop_references(self) -> None:
+        """Apply the decrements; a slot whose last reference went dies here: its index entry
+        goes with it, in the same transaction."""
+        for slot, drop in self.decrements.items():
+            refs = self._ref_chunk(slot // REF_CHUNK_SLOTS)
+            i = slot % REF_CHUNK_SLOTS
+            refs[i] -= drop
+            self.dirty_refs.add(slot // REF_CHUNK_SLOTS)
+            if refs[i]:
+                continue
+            self.dead.append(slot)
+            self.state.stored_slots -= 1
+            fps = self._fp_chunk(slot // FP_CHUNK_SLOTS)
+            head: int = _unpack_u32(fps, (slot % FP_CHUNK_SLOTS) * 4)[0]
+            self._unindex(head >> self.shift, slot)
+
+    def _put_records(self) -> None:
+        txn, meta = self.txn, self.meta
+        for chunk_no in self.dirty_map:
+            chunk = self.map_chunks[chunk_no]
+            key = map_key(chunk_no)
+            if chunk == _EMPTY_MAP_CHUNK:
+                txn.delete(key, db=meta.map)
+            else:
+                txn.put(key, chunk, db=meta.map)
+        for chunk_no in self.dirty_refs:
+            refs = self.ref_chunks[chunk_no]
+            key = _pack_u64be(chunk_no)
+            if refs == _EMPTY_REF_CHUNK:
+                txn.delete(key, db=meta.refs)
+            else:
+                txn.put(key, refs, db=meta.refs)
+        for chunk_no in self.dirty_fps:
+            txn.put(_pack_u64be(chunk_no), self.fp_chunks[chunk_no], db=meta.fps)
+        for bucket_no in self.dirty_buckets:
+            bucket = self.buckets[bucket_no]
+            key = _pack_u32be(bucket_no)
+            if bucket:
+                txn.put(key, bucket, db=meta.index)
+            else:
+                txn.delete(key, db=meta.index)
+        for page in self.fill_deletes:
+            txn.delete(fill_key(page), db=meta.fills)
+        for page, word in self.fill_words.items():
+            txn.put(fill_key(page), U64LE.pack(word), db=meta.fills)
+        txn.put(KEY_STATE, self.state.pack(), db=meta.info)

@@ -1,40 +1,52 @@
 """``dedupblk check``: the invariants of `dedupblk.store.format`, one named check each.
 
-Each check reads one snapshot of the metadata (and the slots it must hash) and returns `Problem`s.
-`repair` rebuilds everything derived from the map, the one source of truth: refcounts (recounted),
-fingerprints (rehashed), the free list (every unreferenced slot), the index and age records (entries
-that do not name a live slot holding their content are dropped) and the counters. Mappings that lie
-outside the device or the backend are dropped (those pages then read as zeros) and reported.
 The checks run on an open store (`Store.check`), under its lock: shared for a check, exclusive
-for a repair, so they never race a writer.
+for a repair, so they never race a writer. They are handed the store's open environment and
+backend and open nothing themselves. What ``--repair`` rebuilds, and why it never makes damaged
+data good, is the format's "Repair": damaged data is reported by device byte range.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import struct
+from array import array
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+from lmdb import verify as lmdb_verify
+
+from ..errors import DedupblkError
 from .backend import Backend
 from .fingerprint import xxh3_128
 from .format import (
+    FILL_ENTRY,
+    FILL_KEY,
     FIRST_DATA_SLOT,
-    INDEX_ENTRY,
+    FP_CHUNK_SLOTS,
+    INDEX_ENTRY_BYTES,
     KEY_STATE,
-    KIND_FILL,
-    KIND_SLOT,
-    MAP_ENTRY,
-    REF,
+    LOST_ENTRY,
+    MAP_CHUNK_PAGES,
+    MAP_KEY,
+    MAX_SHARE,
+    PAGE_SHIFT,
+    REF_CHUNK_SLOTS,
+    U32BE,
     U64BE,
+    U64LE,
+    VOLUME,
     Config,
     State,
-    key_int,
-    slot_key,
+    map_key,
 )
 from .meta import Meta
 
 Progress = Callable[[int], None]
+_U32 = struct.Struct("<I")
+_U16 = struct.Struct("<H")
+
+CHECK_NAMES = ("lmdb", "bounds", "refcounts", "fingerprints", "index", "counters")
 
 
 @dataclass(frozen=True)
@@ -43,241 +55,237 @@ class Problem:
     message: str
 
 
-@dataclass
-class Snapshot:
-    """Everything the checks need, read in one read transaction."""
-
-    config: Config
-    state: State
-    map: dict[int, tuple[int, int]]
-    refs: dict[int, tuple[int, bytes]]
-    index: dict[bytes, tuple[int, int]]
-    age: dict[int, bytes]
-    free: set[int]
-    deferred: set[int]
-    backend: Backend
-
-    def slot_valid(self, slot: int) -> bool:
-        return FIRST_DATA_SLOT <= slot < self.state.slot_high
-
-
-def _items(txn: Any, db: Any) -> Iterator[tuple[bytes, bytes]]:
-    yield from txn.cursor(db=db).iternext(keys=True, values=True)
-
-
-def read_snapshot(meta: Meta, backend: Backend) -> Snapshot:
-    config, state = meta.read_header()
-    with meta.env.begin(buffers=False) as txn:
-        return Snapshot(
-            config=config,
-            state=state,
-            map={key_int(k): MAP_ENTRY.unpack(v) for k, v in _items(txn, meta.map)},
-            refs={key_int(k): REF.unpack(v) for k, v in _items(txn, meta.refs)},
-            index={k: INDEX_ENTRY.unpack(v) for k, v in _items(txn, meta.index)},
-            age={key_int(k): v for k, v in _items(txn, meta.age)},
-            free={key_int(k) for k, _ in _items(txn, meta.free)},
-            deferred={key_int(k) for k, _ in _items(txn, meta.deferred)},
-            backend=backend,
-        )
-
-
-def _slot_counts(snap: Snapshot) -> Counter[int]:
-    return Counter(value for kind, value in snap.map.values() if kind == KIND_SLOT)
-
-
-def check_bounds(snap: Snapshot, progress: Progress) -> list[Problem]:
-    out = []
-    if snap.state.slot_high > snap.config.slot_capacity:
-        out.append(
-            Problem(
-                "bounds",
-                f"slot_high {snap.state.slot_high} beyond capacity {snap.config.slot_capacity}",
-            )
-        )
-    for page, (kind, value) in snap.map.items():
-        if page >= snap.config.pages:
-            out.append(Problem("bounds", f"page {page} is beyond the device"))
-        if kind == KIND_SLOT and not snap.slot_valid(value):
-            out.append(Problem("bounds", f"page {page} maps to slot {value} outside the backend"))
-        elif kind == KIND_FILL and value == 0:
-            out.append(Problem("bounds", f"page {page} has a zero fill (zero pages are unmapped)"))
-        elif kind not in (KIND_SLOT, KIND_FILL):
-            out.append(Problem("bounds", f"page {page} has unknown mapping kind {kind}"))
-    for slot in (*snap.refs, *snap.free, *snap.deferred):
-        if not snap.slot_valid(slot):
-            out.append(Problem("bounds", f"slot {slot} is recorded but outside the backend"))
-    progress(len(snap.map))
-    return out
-
-
-def check_refcounts(snap: Snapshot, progress: Progress) -> list[Problem]:
-    out = []
-    counts = _slot_counts(snap)
-    for slot, count in sorted(counts.items()):
-        ref = snap.refs.get(slot)
-        if ref is None:
-            message = f"slot {slot} is mapped {count} times but has no refcount"
-            out.append(Problem("refcounts", message))
-        elif ref[0] != count:
-            out.append(
-                Problem("refcounts", f"slot {slot} has refcount {ref[0]} but {count} mappings")
-            )
-    for slot, (refcount, _) in sorted(snap.refs.items()):
-        if slot not in counts:
-            out.append(Problem("refcounts", f"slot {slot} has refcount {refcount} but no mapping"))
-    progress(len(snap.refs))
-    return out
-
-
-def check_free_live(snap: Snapshot, progress: Progress) -> list[Problem]:
-    live = set(snap.refs) | set(_slot_counts(snap))
-    out = [
-        Problem("free-live", f"slot {s} is both free and referenced")
-        for s in sorted(snap.free & live)
-    ]
-    out += [
-        Problem("free-live", f"slot {s} is both deferred and referenced")
-        for s in sorted(snap.deferred & live)
-    ]
-    out += [
-        Problem("free-live", f"slot {s} is both free and deferred")
-        for s in sorted(snap.free & snap.deferred)
-    ]
-    progress(len(snap.free) + len(snap.deferred))
-    return out
-
-
-def check_leaks(snap: Snapshot, progress: Progress) -> list[Problem]:
-    known = set(snap.refs) | snap.free | snap.deferred
-    leaked = [s for s in range(FIRST_DATA_SLOT, snap.state.slot_high) if s not in known]
-    progress(snap.state.slot_high)
-    return [Problem("leaks", f"slot {slot} is neither referenced nor free") for slot in leaked]
-
-
-def check_fingerprints(snap: Snapshot, progress: Progress) -> list[Problem]:
-    out = []
-    for slot, (_, fp) in sorted(snap.refs.items()):
-        if snap.slot_valid(slot) and xxh3_128(snap.backend.read_slot(slot)) != fp:
-            message = f"slot {slot}'s data does not match its fingerprint"
-            out.append(Problem("fingerprints", message))
-        progress(1)
-    return out
-
-
-def check_index(snap: Snapshot, progress: Progress) -> list[Problem]:
-    out = []
-    for fp, (slot, seq) in snap.index.items():
-        if slot not in snap.refs or not snap.slot_valid(slot):
-            out.append(Problem("index", f"index entry {fp.hex()} names dead slot {slot}"))
-        elif xxh3_128(snap.backend.read_slot(slot)) != fp:
-            out.append(Problem("index", f"index entry {fp.hex()}: slot {slot} holds other data"))
-        if snap.config.max_index_entries and snap.age.get(seq) != fp:
-            out.append(Problem("index", f"index entry {fp.hex()} has no age record {seq}"))
-        progress(1)
-    if snap.config.max_index_entries:
-        for seq, fp in snap.age.items():
-            entry = snap.index.get(fp)
-            if entry is None or entry[1] != seq:
-                out.append(Problem("index", f"age record {seq} names no index entry"))
-    elif snap.age:
-        out.append(Problem("index", f"{len(snap.age)} age records in an unbounded index"))
-    return out
-
-
-def check_counters(snap: Snapshot, progress: Progress) -> list[Problem]:
-    kinds = Counter(kind for kind, _ in snap.map.values())
-    out = []
-    if snap.state.mapped_pages != kinds[KIND_SLOT]:
-        out.append(
-            Problem(
-                "counters",
-                f"mapped_pages is {snap.state.mapped_pages}, counted {kinds[KIND_SLOT]}",
-            )
-        )
-    if snap.state.same_filled_pages != kinds[KIND_FILL]:
-        out.append(
-            Problem(
-                "counters",
-                f"same_filled_pages is {snap.state.same_filled_pages}, counted {kinds[KIND_FILL]}",
-            )
-        )
-    progress(1)
-    return out
-
-
-CHECKS: dict[str, Callable[[Snapshot, Progress], list[Problem]]] = {
-    "bounds": check_bounds,
-    "refcounts": check_refcounts,
-    "free-live": check_free_live,
-    "leaks": check_leaks,
-    "fingerprints": check_fingerprints,
-    "index": check_index,
-    "counters": check_counters,
-}
-
-
-def work_units(snap: Snapshot) -> int:
-    """Roughly how many progress units the checks report (for a progress bar)."""
-    return (
-        len(snap.map)
-        + len(snap.refs) * 2
-        + len(snap.free)
-        + len(snap.deferred)
-        + snap.state.slot_high
-        + len(snap.index)
-        + 1
-    )
-
-
-def _repair(meta: Meta, snap: Snapshot) -> None:
-    """Rebuild everything derived from the map (see the module docstring)."""
-    config = snap.config
-    slot_high = min(snap.state.slot_high, config.slot_capacity)
-    keep_map = {
-        page: (kind, value)
-        for page, (kind, value) in snap.map.items()
-        if page < config.pages
-        and (
-            (kind == KIND_SLOT and FIRST_DATA_SLOT <= value < slot_high)
-            or (kind == KIND_FILL and value != 0)
-        )
-    }
-    counts = Counter(value for kind, value in keep_map.values() if kind == KIND_SLOT)
-    fingerprints = {slot: xxh3_128(snap.backend.read_slot(slot)) for slot in counts}
-    index = {
-        fp: entry
-        for fp, entry in snap.index.items()
-        if entry[0] in counts and fingerprints[entry[0]] == fp
-    }
-
-    def rebuild(txn: Any) -> None:
-        for db in (meta.map, meta.refs, meta.index, meta.age, meta.free, meta.deferred):
-            txn.drop(db, delete=False)
-        for page, (kind, value) in sorted(keep_map.items()):
-            txn.put(U64BE.pack(page), MAP_ENTRY.pack(kind, value), db=meta.map)
-        for slot, count in sorted(counts.items()):
-            txn.put(slot_key(slot), REF.pack(count, fingerprints[slot]), db=meta.refs)
-        for slot in range(FIRST_DATA_SLOT, slot_high):
-            if slot not in counts:
-                txn.put(slot_key(slot), b"", db=meta.free)
-        for fp, (slot, seq) in index.items():
-            txn.put(fp, INDEX_ENTRY.pack(slot, seq), db=meta.index)
-            if config.max_index_entries:
-                txn.put(U64BE.pack(seq), fp, db=meta.age)
-        next_seq = max([snap.state.next_seq, *(seq + 1 for _, seq in index.values())])
-        kinds = Counter(kind for kind, _ in keep_map.values())
-        state = State(slot_high, kinds[KIND_SLOT], kinds[KIND_FILL], next_seq, snap.state.clean)
-        txn.put(KEY_STATE, state.pack(), db=meta.info)
-
-    meta.write(rebuild)
-    meta.sync()
-
-
 @dataclass(frozen=True)
 class CheckResult:
     problems: list[Problem]
     repaired: bool
     checks: tuple[str, ...]
+    lost: list[tuple[int, int]] = field(default_factory=list)  # (first byte, bytes) now EIO
+    unrepairable: bool = False  # the LMDB file itself is damaged: repair cannot rebuild from it
+
+
+def byte_ranges(pages: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted pages folded into (first byte, length) runs."""
+    out: list[tuple[int, int]] = []
+    for page in sorted(pages):
+        start = page << PAGE_SHIFT
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], out[-1][1] + (1 << PAGE_SHIFT))
+        else:
+            out.append((start, 1 << PAGE_SHIFT))
+    return out
+
+
+def describe_range(first: int, length: int) -> str:
+    last = first + length - 1
+    return f"bytes {first}-{last} (pages {first >> PAGE_SHIFT}-{last >> PAGE_SHIFT})"
+
+
+@dataclass
+class _Scan:
+    """What the checks learned, and what a repair must change."""
+
+    config: Config
+    state: State
+    problems: list[Problem] = field(default_factory=list)
+    references: array[int] = field(default_factory=lambda: array("I"))  # slot -> map entries
+    fill_pages: set[int] = field(default_factory=set)  # pages whose entry is FILL
+    counted: dict[str, int] = field(default_factory=dict)
+    lost_pages: set[int] = field(default_factory=set)  # entries a repair turns into LOST
+    bad_fills: list[int] = field(default_factory=list)  # fill records a repair drops
+    damaged_slots: set[int] = field(default_factory=set)  # live slots whose data fails its word
+    tags: dict[int, bytes] = field(default_factory=dict)  # live slot -> tag of its data
+    keep_index: dict[int, bytes] = field(default_factory=dict)  # bucket -> entries a repair keeps
+
+    def problem(self, check: str, message: str) -> None:
+        self.problems.append(Problem(check, message))
+
+
+def _cursor(txn: Any, db: Any) -> Iterator[tuple[bytes, bytes]]:
+    for key, value in txn.cursor(db=db):
+        yield bytes(key), bytes(value)
+
+
+def _map_entries(
+    txn: Any, meta: Meta, scan: _Scan, progress: Progress
+) -> Iterator[tuple[int, int]]:
+    """(page, entry) of every non-zero map entry of volume 0; bad keys are reported."""
+    config = scan.config
+    chunks = -(-config.pages // MAP_CHUNK_PAGES)
+    for key, chunk in _cursor(txn, meta.map):
+        if len(key) != MAP_KEY.size or len(chunk) != MAP_CHUNK_PAGES * 4:
+            scan.problem("bounds", f"map record {key.hex()} has the wrong size")
+            continue
+        volume, chunk_no = MAP_KEY.unpack(key)
+        if volume != VOLUME or chunk_no >= chunks:
+            scan.problem("bounds", f"map chunk {chunk_no} of volume {volume} is beyond the device")
+            continue
+        first = chunk_no * MAP_CHUNK_PAGES
+        for i, (entry,) in enumerate(_U32.iter_unpack(chunk)):
+            if entry:
+                yield first + i, entry
+        progress(1)
+
+
+def check_bounds_and_map(txn: Any, meta: Meta, scan: _Scan, progress: Progress) -> None:
+    """bounds: entries, fills and refs chunks within the device and the backend."""
+    config = scan.config
+    capacity = config.slot_capacity
+    scan.references = array("I", bytes(4 * capacity))
+    mapped = fills = lost = 0
+    for page, entry in _map_entries(txn, meta, scan, progress):
+        if page >= config.pages:
+            scan.problem("bounds", f"page {page} is beyond the device")
+            scan.lost_pages.add(page)
+        elif entry == FILL_ENTRY:
+            fills += 1
+            scan.fill_pages.add(page)
+        elif entry == LOST_ENTRY:
+            lost += 1
+        elif entry < FIRST_DATA_SLOT or entry >= capacity:
+            scan.problem("bounds", f"{describe_range(page << PAGE_SHIFT, 1 << PAGE_SHIFT)} name "
+                         f"slot {entry}, outside the backend")  # fmt: skip
+            scan.lost_pages.add(page)
+        else:
+            mapped += 1
+            scan.references[entry] += 1
+    scan.counted.update(mapped=mapped, fills=fills, lost=lost)
+    seen: set[int] = set()
+    for key, value in _cursor(txn, meta.fills):
+        volume, page = FILL_KEY.unpack(key)
+        word = U64LE.unpack(value)[0] if len(value) == U64LE.size else 0
+        if volume != VOLUME or page not in scan.fill_pages or not word:
+            scan.problem("bounds", f"fill record of page {page} has no FILL entry or no word")
+            scan.bad_fills.append(page)
+            continue
+        seen.add(page)
+    for page in sorted(scan.fill_pages - seen):
+        scan.problem("bounds", f"{describe_range(page << PAGE_SHIFT, 1 << PAGE_SHIFT)}: the fill "
+                     "word is missing")  # fmt: skip
+        scan.lost_pages.add(page)
+    ref_chunks = -(-capacity // REF_CHUNK_SLOTS)
+    for key, _ in _cursor(txn, meta.refs):
+        if U64BE.unpack(key)[0] >= ref_chunks:
+            scan.problem("bounds", f"refs chunk {U64BE.unpack(key)[0]} is beyond the backend")
+
+
+def _chunked(txn: Any, db: Any, width: int, per_chunk: int) -> Callable[[int], int]:
+    """Entry lookup over chunked records of ``width``-byte entries (absent: 0)."""
+    cache: dict[int, bytes | None] = {}
+    fmt = {1: "B", 4: "<I"}[width]
+
+    def lookup(n: int) -> int:
+        chunk_no, i = divmod(n, per_chunk)
+        if chunk_no not in cache:
+            raw = txn.get(U64BE.pack(chunk_no), db=db)
+            cache.clear()  # one chunk at a time: lookups come in slot order
+            cache[chunk_no] = bytes(raw) if raw is not None else None
+        chunk = cache[chunk_no]
+        if chunk is None or len(chunk) < (i + 1) * width:
+            return 0
+        value: int = struct.unpack_from(fmt, chunk, i * width)[0]
+        return value
+
+    return lookup
+
+
+def check_refcounts(txn: Any, meta: Meta, scan: _Scan, progress: Progress) -> None:
+    """refcounts: every slot's refcount is the number of map entries naming it."""
+    refcount = _chunked(txn, meta.refs, 1, REF_CHUNK_SLOTS)
+    for slot in range(FIRST_DATA_SLOT, scan.config.slot_capacity):
+        stored, named = refcount(slot), scan.references[slot]
+        if stored != named:
+            scan.problem("refcounts", f"slot {slot} has refcount {stored} but {named} mappings")
+    progress(1)
+
+
+def check_fingerprints(
+    txn: Any, meta: Meta, backend: Backend, scan: _Scan, progress: Progress
+) -> None:
+    """fingerprints: every live slot's data hashes to its ``fps`` word."""
+    word = _chunked(txn, meta.fps, 4, FP_CHUNK_SLOTS)
+    for slot in range(FIRST_DATA_SLOT, scan.config.slot_capacity):
+        if not scan.references[slot]:
+            continue
+        try:
+            fp = xxh3_128(backend.read_slot(slot))
+        except DedupblkError as exc:
+            scan.problem("fingerprints", f"slot {slot} cannot be read: {exc}")
+            scan.damaged_slots.add(slot)
+            continue
+        if int.from_bytes(fp[:4], "big") != word(slot):
+            scan.damaged_slots.add(slot)
+        scan.tags[slot] = fp[4:6]
+        progress(1)
+
+
+def check_index(txn: Any, meta: Meta, scan: _Scan, progress: Progress) -> None:
+    """index: entries name live slots of their bucket with their tag; no slot twice."""
+    config = scan.config
+    word = _chunked(txn, meta.fps, 4, FP_CHUNK_SLOTS)
+    shift = 32 - config.bucket_bits
+    indexed: set[int] = set()
+    entries = 0
+    for key, value in _cursor(txn, meta.index):
+        bucket = U32BE.unpack(key)[0] if len(key) == U32BE.size else -1
+        if bucket < 0 or bucket >= 1 << config.bucket_bits or len(value) % INDEX_ENTRY_BYTES:
+            scan.problem("index", f"index record {key.hex()} is malformed")
+            continue
+        n = len(value) // INDEX_ENTRY_BYTES
+        kept = bytearray()
+        kept_slots = bytearray()
+        for i in range(n):
+            tag = value[i * 2 : i * 2 + 2]
+            slot: int = _U32.unpack_from(value, n * 2 + i * 4)[0]
+            entries += 1
+            why = None
+            if not FIRST_DATA_SLOT <= slot < config.slot_capacity or not scan.references[slot]:
+                why = f"names slot {slot}, which is not live"
+            elif slot in scan.damaged_slots:
+                why = f"names slot {slot}, whose data is damaged"
+            elif word(slot) >> shift != bucket:
+                why = f"names slot {slot}, which belongs to another bucket"
+            elif scan.tags.get(slot) != tag:
+                why = f"names slot {slot}, whose data has another tag"
+            elif slot in indexed:
+                why = f"names slot {slot} a second time"
+            if why is not None:
+                scan.problem("index", f"an entry of bucket {bucket} {why}")
+                continue
+            indexed.add(slot)
+            kept += tag
+            kept_slots += _U32.pack(slot)
+        scan.keep_index[bucket] = bytes(kept + kept_slots)
+        progress(1)
+    scan.counted["index"] = entries
+    scan.counted["indexed"] = len(indexed)
+
+
+def check_counters(scan: _Scan) -> None:
+    """counters: ``state`` equals what was counted."""
+    state, counted = scan.state, scan.counted
+    live = sum(1 for n in scan.references if n)
+    for name, have, want in (
+        ("mapped_pages", state.mapped_pages, counted["mapped"]),
+        ("same_filled_pages", state.same_filled_pages, counted["fills"]),
+        ("lost_pages", state.lost_pages, counted["lost"]),
+        ("stored_slots", state.stored_slots, live),
+        ("index_entries", state.index_entries, counted["index"]),
+    ):
+        if have != want:
+            scan.problem("counters", f"{name} is {have}, counted {want}")
+
+
+def _report_damage(meta: Meta, txn: Any, scan: _Scan) -> None:
+    """Name the device ranges whose data is damaged (pages mapping a damaged slot)."""
+    if not scan.damaged_slots:
+        return
+    pages = [page for page, entry in _map_entries(txn, meta, scan, lambda _n: None)
+             if entry in scan.damaged_slots]  # fmt: skip
+    scan.lost_pages.update(pages)
+    for first, length in byte_ranges(pages):
+        scan.problem("fingerprints", f"{describe_range(first, length)}: the data does not "
+                     "match its fingerprint")  # fmt: skip
 
 
 def run_checks(
@@ -289,13 +297,98 @@ def run_checks(
     on_total: Callable[[int], None] | None = None,
 ) -> CheckResult:
     """Run every named check over an open environment and backend (the caller holds the store's
-    lock). With ``repair``, fix what was found from the map and return the problems the repair
-    fixed (a second check should then be clean)."""
-    snap = read_snapshot(meta, backend)
-    if on_total is not None:
-        on_total(work_units(snap))
+    lock). With ``repair``, fix what was found (see the format's "Repair") and return the
+    problems the repair fixed (a second check should then be clean)."""
     report = progress or (lambda _n: None)
-    problems = [p for check in CHECKS.values() for p in check(snap, report)]
-    if repair and problems:
-        _repair(meta, snap)
-    return CheckResult(problems, repaired=repair and bool(problems), checks=tuple(CHECKS))
+    structure = lmdb_verify.verify(meta.env.path())
+    if structure:
+        problems = [Problem("lmdb", message) for message in structure]
+        return CheckResult(problems, repaired=False, checks=CHECK_NAMES, unrepairable=True)
+    config, state = meta.read_header()
+    scan = _Scan(config, state)
+    with meta.env.begin(buffers=True) as txn:
+        if on_total is not None:
+            chunks, buckets = meta.entries(txn, meta.map), meta.entries(txn, meta.index)
+            on_total(chunks + state.stored_slots + buckets + 1)
+        check_bounds_and_map(txn, meta, scan, report)
+        check_refcounts(txn, meta, scan, report)
+        check_fingerprints(txn, meta, backend, scan, report)
+        _report_damage(meta, txn, scan)
+        check_index(txn, meta, scan, report)
+        check_counters(scan)
+    if not repair or not scan.problems:
+        return CheckResult(scan.problems, repaired=False, checks=CHECK_NAMES)
+    _repair(meta, scan)
+    return CheckResult(
+        scan.problems, repaired=True, checks=CHECK_NAMES, lost=byte_ranges(scan.lost_pages)
+    )
+
+
+def _repair(meta: Meta, scan: _Scan) -> None:
+    """Rebuild what is derived; turn damaged pages into LOST entries (the format's "Repair")."""
+    config = scan.config
+    lost = scan.lost_pages
+    for slot in scan.damaged_slots:
+        scan.references[slot] = 0
+    by_chunk: dict[int, list[int]] = {}
+    for page in lost:
+        by_chunk.setdefault(page // MAP_CHUNK_PAGES, []).append(page)
+
+    def rebuild(txn: Any) -> None:
+        mapped = fills = lost_count = 0
+        for chunk_no, pages in by_chunk.items():
+            raw = txn.get(map_key(chunk_no), db=meta.map)
+            if raw is None:
+                continue
+            marked = bytearray(raw)
+            for page in pages:
+                _U32.pack_into(marked, (page % MAP_CHUNK_PAGES) * 4, LOST_ENTRY)
+            txn.put(map_key(chunk_no), marked, db=meta.map)
+        records = list(_cursor(txn, meta.map))
+        for key, chunk in records:
+            volume, chunk_no = MAP_KEY.unpack(key) if len(key) == MAP_KEY.size else (VOLUME + 1, 0)
+            if (
+                volume != VOLUME
+                or chunk_no * MAP_CHUNK_PAGES >= config.pages
+                or len(chunk) != MAP_CHUNK_PAGES * 4
+            ):
+                txn.delete(key, db=meta.map)
+                continue
+            for (entry,) in _U32.iter_unpack(chunk):
+                if entry == FILL_ENTRY:
+                    fills += 1
+                elif entry == LOST_ENTRY:
+                    lost_count += 1
+                elif entry:
+                    mapped += 1
+        for page in scan.bad_fills:
+            txn.delete(FILL_KEY.pack(VOLUME, page), db=meta.fills)
+        txn.drop(meta.refs, delete=False)
+        capacity = config.slot_capacity
+        for chunk_no in range(-(-capacity // REF_CHUNK_SLOTS)):
+            first = chunk_no * REF_CHUNK_SLOTS
+            counts = scan.references[first : min(capacity, first + REF_CHUNK_SLOTS)]
+            if any(counts):
+                chunk_refs = bytes(min(n, MAX_SHARE) for n in counts)
+                txn.put(
+                    U64BE.pack(chunk_no), chunk_refs.ljust(REF_CHUNK_SLOTS, b"\0"), db=meta.refs
+                )
+        txn.drop(meta.index, delete=False)
+        entries = 0
+        for bucket, value in scan.keep_index.items():
+            n = len(value) // INDEX_ENTRY_BYTES
+            live = [
+                i for i in range(n)
+                if scan.references[_U32.unpack_from(value, n * 2 + i * 4)[0]]
+            ]  # fmt: skip
+            if live:
+                tags = b"".join(value[i * 2 : i * 2 + 2] for i in live)
+                slots = b"".join(value[n * 2 + i * 4 : n * 2 + i * 4 + 4] for i in live)
+                txn.put(U32BE.pack(bucket), tags + slots, db=meta.index)
+                entries += len(live)
+        live_slots = sum(1 for n in scan.references if n)
+        state = State(mapped, fills, lost_count, live_slots, entries, scan.state.clean)
+        txn.put(KEY_STATE, state.pack(), db=meta.info)
+
+    meta.write(rebuild)
+    meta.sync()

@@ -12,12 +12,14 @@ import uuid as uuidlib
 from typing import Any
 
 from ..errors import BackendMismatch, InvalidRequest, StoreError, StoreExists
-from .backend import Backend, fill_holes
+from .backend import Backend, fill_holes, sync_file
+from .claims import enclosing_store, refuse_foreign_backend
 from .format import (
     DATA_FILE,
     DEFAULT_MAX_SHARE,
+    DIR_MODE,
+    FILE_MODE,
     FINGERPRINT_XXH3_128,
-    FIRST_DATA_SLOT,
     FORMAT,
     FORMAT_MAGIC,
     FORMAT_VERSION,
@@ -26,16 +28,20 @@ from .format import (
     KEY_PREALLOC,
     KEY_STATE,
     LOCK_FILE,
+    MAX_SHARE,
+    MAX_SLOTS,
     META_DIR,
     PAGE_SIZE,
     PREALLOC,
     Config,
     State,
+    index_bucket_bits,
 )
 from .meta import Meta
 
-META_PREALLOC_PER_PAGE = 256  # bytes of data.mdb preallocated per page of the device
+META_PREALLOC_PER_PAGE = 64  # bytes of data.mdb preallocated per page of the device
 META_PREALLOC_MIN = 1 << 20
+MAX_DEVICE_BYTES = (1 << 63) - PAGE_SIZE  # sizes are signed 64-bit to the kernel and to NBD
 
 
 def create_store(
@@ -49,6 +55,7 @@ def create_store(
     preallocate: bool = False,
     meta_size: int | None = None,
     reuse_backend: bool = False,
+    overwrite_backend: bool = False,
 ) -> None:
     """Create an empty store of ``size`` bytes at ``path`` (a new or empty directory).
 
@@ -64,15 +71,22 @@ def create_store(
 
     A backend that already holds a store's slots (its header says so) is refused, unless
     ``reuse_backend``: then its old contents are abandoned (every slot is free in the new store)
-    and a preallocated file is adopted as it is, without writing it again.
+    and a preallocated file is adopted as it is, without writing it again. Anything else that
+    may be someone's data is refused unless ``overwrite_backend`` (see `dedupblk.store.claims`).
     """
     store_dir = os.fspath(path)
-    if size <= 0 or size % PAGE_SIZE:
-        raise InvalidRequest(f"bad size {size}: must be a positive multiple of {PAGE_SIZE}")
-    if max_share < 1 or max_share > 0xFFFFFFFF:
-        raise InvalidRequest(f"bad max-share {max_share}: must be at least 1")
-    if max_index_entries is not None and max_index_entries < 1:
-        raise InvalidRequest(f"bad max-index-entries {max_index_entries}: must be at least 1")
+    if size <= 0 or size % PAGE_SIZE or size > MAX_DEVICE_BYTES:
+        raise InvalidRequest(
+            f"bad size {size}: a positive multiple of {PAGE_SIZE}, at most {MAX_DEVICE_BYTES}"
+        )
+    if not 1 <= max_share <= MAX_SHARE:
+        raise InvalidRequest(f"bad max-share {max_share}: 1 to {MAX_SHARE}")
+    if max_index_entries is not None and not 1 <= max_index_entries <= MAX_SLOTS:
+        raise InvalidRequest(f"bad max-index-entries {max_index_entries}: 1 to {MAX_SLOTS}")
+    if backend_size is not None and backend_size > MAX_SLOTS * PAGE_SIZE:
+        raise InvalidRequest(
+            f"bad backend size {backend_size}: at most {MAX_SLOTS * PAGE_SIZE} ({MAX_SLOTS} slots)"
+        )
     if backend_size is not None and (backend_size < 2 * PAGE_SIZE or backend_size % PAGE_SIZE):
         raise InvalidRequest(
             f"bad backend size {backend_size}: a multiple of {PAGE_SIZE}, at least two slots"
@@ -84,21 +98,30 @@ def create_store(
             f"bad metadata size {meta_size}: a multiple of {PAGE_SIZE}, at least "
             f"{META_PREALLOC_MIN}"
         )
-    if os.path.exists(store_dir):
-        if not os.path.isdir(store_dir):
+    backend_path = os.path.abspath(backend) if backend else ""
+    inside = enclosing_store(os.path.join(os.path.abspath(store_dir), "x"))
+    if inside is not None:
+        raise StoreExists(f"{store_dir} lies inside the store {inside}")
+    if backend_path:
+        refuse_foreign_backend(backend_path, reuse=reuse_backend, overwrite=overwrite_backend)
+    if os.path.lexists(store_dir):
+        if os.path.islink(store_dir) or not os.path.isdir(store_dir):
             raise StoreExists(f"{store_dir} exists and is not a directory")
         if os.listdir(store_dir):
             raise StoreExists(f"{store_dir} exists and is not empty")
         made_dir = False
     else:
+        parent = os.path.dirname(os.path.abspath(store_dir))
+        if not os.path.isdir(parent):
+            raise StoreError(f"cannot create {store_dir}: {parent} does not exist")
         try:
-            os.makedirs(store_dir)
+            os.mkdir(store_dir, DIR_MODE)
         except OSError as exc:
             raise StoreError(f"cannot create {store_dir}: {exc.strerror}") from exc
         made_dir = True
     store_uuid = uuidlib.uuid4().bytes
-    backend_path = os.path.abspath(backend) if backend else ""
     try:
+        os.chmod(store_dir, DIR_MODE)
         data_path = backend_path or os.path.join(store_dir, DATA_FILE)
         capacity = backend_size
         made_backend = bool(backend_path) and not os.path.exists(backend_path)
@@ -110,11 +133,13 @@ def create_store(
             # while the old ones wait (deferred) for a flush, instead of forcing one. An existing
             # file (--reuse-backend) grows to it too; it never shrinks.
             capacity = PAGE_SIZE + size + (size // 4) // PAGE_SIZE * PAGE_SIZE
-        slots = Backend.create(
-            data_path, capacity, store_uuid, preallocate=preallocate, reuse=reuse_backend
-        )
+        if capacity is not None and capacity > MAX_SLOTS * PAGE_SIZE:
+            raise InvalidRequest(
+                f"a backend of {capacity} bytes is more than {MAX_SLOTS} slots: give --backend-size"
+            )
+        slots = Backend.create(data_path, capacity, store_uuid, preallocate=preallocate)
         try:
-            slot_capacity = slots.capacity_slots()
+            slot_capacity = min(MAX_SLOTS, slots.capacity_slots())
             slots.sync()
         finally:
             slots.close()
@@ -128,6 +153,7 @@ def create_store(
             max_share=max_share,
             fingerprint=FINGERPRINT_XXH3_128,
             uuid=store_uuid,
+            bucket_bits=index_bucket_bits(slot_capacity, max_index_entries or 0),
             backend=backend_path,
         )
         meta_bytes = (meta_size or default_meta_size(size)) if preallocate else 0
@@ -137,7 +163,7 @@ def create_store(
             def init(txn: Any) -> None:
                 txn.put(KEY_FORMAT, FORMAT.pack(FORMAT_MAGIC, FORMAT_VERSION), db=meta.info)
                 txn.put(KEY_CONFIG, config.pack(), db=meta.info)
-                state = State(FIRST_DATA_SLOT, 0, 0, 0, clean=1)
+                state = State(0, 0, 0, 0, 0, clean=1)
                 txn.put(KEY_STATE, state.pack(), db=meta.info)
                 if meta_bytes:
                     txn.put(KEY_PREALLOC, PREALLOC.pack(meta_bytes), db=meta.info)
@@ -148,8 +174,14 @@ def create_store(
             meta.close()
         if preallocate:
             _preallocate_meta(store_dir, meta_bytes)
-        with open(os.path.join(store_dir, LOCK_FILE), "w"):
-            pass
+        # Last: a store directory without its lock file is a create that was interrupted.
+        lock_path = os.path.join(store_dir, LOCK_FILE)
+        os.close(os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE))
+        sync_file(os.path.join(store_dir, META_DIR))
+        sync_file(store_dir)
+    except OSError as exc:
+        _remove_partial(store_dir, made_dir, backend_path if made_backend else "")
+        raise StoreError(f"cannot create {store_dir}: {exc.strerror}") from exc
     except BaseException:
         _remove_partial(store_dir, made_dir, backend_path if made_backend else "")
         raise
@@ -157,10 +189,9 @@ def create_store(
 
 def default_meta_size(size: int) -> int:
     """Bytes of ``data.mdb`` to preallocate for a device of ``size`` bytes: `META_PREALLOC_PER_PAGE`
-    per page, rounded up to a MiB. Measured: filling a store with unique pages takes about 210 to
-    250 bytes of metadata per page; random overwrites of all of it, with LMDB's free pages, up to
-    about 530 (with ``max_index_entries``). A server that locks its memory (ublk) keeps all of
-    it in memory, hence not more by default; ``meta_size`` sets it."""
+    per page, rounded up to a MiB. The metadata of a full device stays below it, fill and
+    overwrites included (measured: docs/measurements.md, "Metadata per page"). On ramfs this is
+    RAM taken at create, hence not more by default; ``meta_size`` sets it."""
     wanted = max(META_PREALLOC_MIN, size // PAGE_SIZE * META_PREALLOC_PER_PAGE)
     return -(-wanted // (1 << 20)) * (1 << 20)
 

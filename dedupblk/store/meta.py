@@ -1,8 +1,9 @@
 """The LMDB metadata accessor: opens the environment and its sub-databases, decodes the records of
 `dedupblk.store.format`, and grows the map when LMDB runs out of map space.
 
-Commits are not synced (``MDB_NOSYNC``): a committed transaction is in the page cache and survives a
-kill of the process; `Meta.sync` makes everything committed durable. The store calls it on flush.
+A writer opens the environment either durable (``MDB_NOMETASYNC``: every commit syncs its data
+pages) or volatile (``MDB_NOSYNC``); which one, and why each is safe where it is used, is in the
+format's "Write order and durability". `Meta.sync` makes the last commit durable.
 
 In a preallocated store (``info/prealloc``, see "Preallocated stores" in the format) a writer maps
 exactly the preallocated part of ``data.mdb`` while the data fits: LMDB never writes past it.
@@ -10,24 +11,27 @@ exactly the preallocated part of ``data.mdb`` while the data fits: LMDB never wr
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import logging
 import os
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import lmdb
 
-from ..errors import FormatError, NotAStore, StoreError, StoreFull
+from ..errors import FormatError, NotAStore, StoreError, StoreFull, SyncFailed
 from .format import (
     ALL_DBS,
-    DB_AGE,
-    DB_DEFERRED,
-    DB_FREE,
+    DB_FILLS,
+    DB_FPS,
     DB_INDEX,
     DB_INFO,
     DB_MAP,
     DB_REFS,
+    FILE_MODE,
     FORMAT,
     FORMAT_MAGIC,
     FORMAT_VERSION,
@@ -42,6 +46,7 @@ from .format import (
 )
 
 INITIAL_MAP_SIZE = 8 << 20  # grows by doubling; every byte of it is allocated on disk
+MAX_DBS = 8
 log = logging.getLogger(__name__)
 # LMDB forbids opening one environment twice in a process, so statistics taken while this process
 # serves the store must reuse the open environment: the only module-level state in the store.
@@ -49,66 +54,92 @@ _OPEN: dict[str, Meta] = {}
 T = TypeVar("T")
 
 
+@contextlib.contextmanager
+def damaged_metadata(where: str) -> Iterator[None]:
+    """Turn what LMDB or a record decoder raises on damaged metadata into one `FormatError`."""
+    try:
+        yield
+    except (lmdb.Error, struct.error, UnicodeDecodeError) as exc:
+        if isinstance(exc, lmdb.MapFullError):
+            raise
+        raise FormatError(
+            f"{where}: the metadata is damaged ({exc}); see `dedupblk check`"
+        ) from exc
+
+
+def read_format(env: Any, info: Any, where: str) -> int:
+    """The format version in ``info/format``; `NotAStore` for a foreign environment."""
+    with env.begin() as txn:
+        raw = txn.get(KEY_FORMAT, db=info)
+    if raw is None:
+        raise NotAStore(f"{where} is not a dedupblk store (no format record)")
+    try:
+        magic, version = FORMAT.unpack(raw)
+    except struct.error as exc:
+        raise FormatError(f"{where}: undecodable format record") from exc
+    if magic != FORMAT_MAGIC:
+        raise NotAStore(f"{where} is not a dedupblk store (bad magic)")
+    version_number: int = version
+    return version_number
+
+
 class Meta:
-    """One store's LMDB environment and its sub-databases."""
+    """One store's LMDB environment and its sub-databases (format version 2)."""
 
     def __init__(
-        self, store_dir: str, *, readonly: bool, create: bool = False, map_size: int = 0
+        self,
+        store_dir: str,
+        *,
+        readonly: bool,
+        create: bool = False,
+        map_size: int = 0,
+        durable: bool = True,
+        subdir: str = META_DIR,
     ) -> None:
-        path = os.path.join(store_dir, META_DIR)
+        path = os.path.join(store_dir, subdir)
         data_mdb = os.path.join(path, "data.mdb")
         if not create and not os.path.exists(data_mdb):
-            raise NotAStore(f"{store_dir} is not a dedupblk store (no {META_DIR}/data.mdb)")
+            raise NotAStore(f"{store_dir} is not a dedupblk store (no {subdir}/data.mdb)")
+        self.store_dir = store_dir
+        self.data_mdb = data_mdb
+        self._key = os.path.realpath(path)
         if not map_size:
             # A writer maps data.mdb writable and LMDB extends the file to the map: keep an
             # existing store's map at its file's size (a preallocated file is mapped exactly).
             map_size = (os.path.getsize(data_mdb) if os.path.exists(data_mdb) else 0) or (
                 INITIAL_MAP_SIZE
             )
+        old_umask = os.umask(0o077)  # LMDB makes its files 0644 otherwise (format: 0600)
         try:
             self.env = lmdb.open(
                 path,
                 map_size=map_size,
-                max_dbs=len(ALL_DBS),
+                max_dbs=MAX_DBS,
                 readonly=readonly,
-                sync=False,
+                sync=durable,
                 metasync=False,
                 readahead=False,
-                # A writer changes pages in the shared map (MDB_WRITEMAP) instead of writing
-                # each dirty page with pwrite at commit: about a quarter less CPU per ublk pass,
-                # and with the metadata on disk the whole-machine swap test hung far less often
-                # with it (see "Swap placement" in dedupblk/frontends/ublk.py).  Every block of
-                # the map is
-                # allocated first (`_reserve`): a write through the map into a hole of a full
+                # A writer changes pages in the shared map (MDB_WRITEMAP) instead of writing each
+                # dirty page with pwrite at commit (less CPU per commit). Every block of the map
+                # is allocated first (`_reserve`): a write through the map into a hole of a full
                 # filesystem would kill the process with SIGBUS.
                 writemap=not readonly,
                 create=create,
                 subdir=True,
+                mode=FILE_MODE,
             )
         except lmdb.Error as exc:
-            raise NotAStore(f"{store_dir}: cannot open its metadata: {exc}") from exc
+            raise FormatError(f"{store_dir}: cannot open its metadata: {exc}") from exc
+        finally:
+            os.umask(old_umask)
         try:
-            self.dbs = {name: self.env.open_db(name, create=not readonly) for name in ALL_DBS}
-        except lmdb.NotFoundError:
-            self.env.close()
-            raise NotAStore(f"{store_dir} is not a dedupblk store (no sub-databases)") from None
-        self._key = os.path.realpath(path)
-        self.store_dir = store_dir
-        if not readonly:
-            try:
+            self._open_dbs(readonly=readonly, create=create)
+            if not readonly:
                 self._reserve(self.env.info()["map_size"])
-            except BaseException:
-                self.env.close()
-                raise
-        self.info = self.dbs[DB_INFO]
-        self.map = self.dbs[DB_MAP]
-        self.refs = self.dbs[DB_REFS]
-        self.index = self.dbs[DB_INDEX]
-        self.age = self.dbs[DB_AGE]
-        self.free = self.dbs[DB_FREE]
-        self.deferred = self.dbs[DB_DEFERRED]
+        except BaseException:
+            self.env.close()
+            raise
         self._reader: Any = None
-        self.preallocated = self._read_prealloc()
         if not readonly and self.preallocated:
             # The map is the written part of data.mdb (LMDB raises it to what is in use): a
             # server that locks its memory (ublk) locks all of it now, and the map never has
@@ -116,16 +147,55 @@ class Meta:
             self.env.set_mapsize(self.preallocated)
         _OPEN[self._key] = self
 
+    def _open_dbs(self, *, readonly: bool, create: bool) -> None:
+        where = self.store_dir
+        with damaged_metadata(where):
+            self._check_size()
+            try:
+                self.info = self.env.open_db(DB_INFO, create=create)
+            except lmdb.NotFoundError:
+                raise NotAStore(f"{where} is not a dedupblk store (no info database)") from None
+            if not create:
+                version = read_format(self.env, self.info, where)
+                if version == 1:
+                    raise FormatError(
+                        f"{where} has format version 1: run `dedupblk upgrade {where}` "
+                        f"to convert it to version {FORMAT_VERSION}"
+                    )
+                if version != FORMAT_VERSION:
+                    raise FormatError(
+                        f"{where} has format version {version}; this is {FORMAT_VERSION}"
+                    )
+            try:
+                dbs = {name: self.env.open_db(name, create=create) for name in ALL_DBS}
+            except lmdb.NotFoundError:
+                raise FormatError(f"{where}: a sub-database is missing") from None
+            self.map = dbs[DB_MAP]
+            self.fills = dbs[DB_FILLS]
+            self.refs = dbs[DB_REFS]
+            self.fps = dbs[DB_FPS]
+            self.index = dbs[DB_INDEX]
+            self.preallocated = 0 if create else self._read_prealloc()
+        del readonly
+
+    def _check_size(self) -> None:
+        """Refuse a ``data.mdb`` shorter than the pages LMDB says are in use: reading a page
+        past its end through the map would kill the process with SIGBUS."""
+        info = self.env.info()
+        used = (info["last_pgno"] + 1) * self.env.stat()["psize"]
+        size = os.path.getsize(self.data_mdb)
+        if size < used:
+            raise FormatError(
+                f"{self.store_dir}: the metadata is truncated ({size} bytes of {used} in use)"
+            )
+
     def _read_prealloc(self) -> int:
         """``info/prealloc``: bytes of data.mdb written at create, 0 when not preallocated."""
         with self.env.begin() as txn:
             raw = txn.get(KEY_PREALLOC, db=self.info)
         if raw is None:
             return 0
-        try:
-            size: int = PREALLOC.unpack(raw)[0]
-        except Exception as exc:
-            raise FormatError(f"undecodable prealloc record in {self._key}") from exc
+        size: int = PREALLOC.unpack(raw)[0]
         return size
 
     @staticmethod
@@ -134,35 +204,34 @@ class Meta:
         return _OPEN.get(os.path.realpath(os.path.join(store_dir, META_DIR)))
 
     def read_header(self) -> tuple[Config, State]:
+        """Decode config and state."""
         store_dir = self.store_dir
-        """Decode format, config and state; refuse a foreign or newer store."""
-        with self.env.begin() as txn:
-            raw_format = txn.get(KEY_FORMAT, db=self.info)
+        with damaged_metadata(store_dir), self.begin_read() as txn:
             raw_config = txn.get(KEY_CONFIG, db=self.info)
             raw_state = txn.get(KEY_STATE, db=self.info)
-        if raw_format is None or raw_config is None or raw_state is None:
-            raise NotAStore(f"{store_dir} is not a dedupblk store (no format record)")
+            if raw_config is None or raw_state is None:
+                raise FormatError(f"{store_dir}: the config or state record is missing")
+            version = FORMAT.unpack(txn.get(KEY_FORMAT, db=self.info))[1]
+            config = dataclasses.replace(Config.unpack(raw_config), format_version=version)
+            return config, State.unpack(raw_state)
+
+    def begin_read(self) -> Any:
+        """A read transaction; in a process that only reads, the writer (another process) may
+        have grown the map meanwhile: then map the new size and begin again."""
         try:
-            magic, version = FORMAT.unpack(raw_format)
-        except Exception as exc:
-            raise FormatError(f"{store_dir}: undecodable format record") from exc
-        if magic != FORMAT_MAGIC:
-            raise NotAStore(f"{store_dir} is not a dedupblk store (bad magic)")
-        if version != FORMAT_VERSION:
-            raise FormatError(f"{store_dir} has format version {version}; this is {FORMAT_VERSION}")
-        try:
-            return Config.unpack(raw_config, version), State.unpack(raw_state)
-        except Exception as exc:
-            raise FormatError(f"{store_dir}: undecodable config or state record") from exc
+            return self.env.begin(buffers=True)
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)  # adopt the size the writer set
+            return self.env.begin(buffers=True)
 
     def reader(self) -> Any:
         """A read transaction showing the last commit, reused between commits (beginning one per
         request costs more than the lookups it serves). For the store's lock holder only."""
         if self._reader is None:
-            self._reader = self.env.begin(buffers=False)
+            self._reader = self.env.begin(buffers=True)
         return self._reader
 
-    def _drop_reader(self) -> None:
+    def drop_reader(self) -> None:
         """End the reused read transaction: it would show a stale snapshot and keep LMDB from
         reusing the pages that later commits free."""
         if self._reader is not None:
@@ -176,13 +245,12 @@ class Meta:
         aborted (nothing of it is kept), the map doubles and ``body`` runs anew.
         """
         while True:
-            txn = self.env.begin(write=True)
+            self.drop_reader()  # its buffers would be invalid after the commit anyway
+            txn = self.env.begin(write=True, buffers=True)
             try:
                 result = body(txn)
-                txn.commit()
             except lmdb.MapFullError:
                 txn.abort()
-                self._drop_reader()  # growing the map needs no open transaction
                 grown = self._grown_map_size()
                 self._reserve(grown)
                 self.env.set_mapsize(grown)
@@ -190,26 +258,36 @@ class Meta:
             except BaseException:
                 txn.abort()
                 raise
-            self._drop_reader()
+            try:
+                txn.commit()
+            except lmdb.MapFullError:
+                grown = self._grown_map_size()
+                self._reserve(grown)
+                self.env.set_mapsize(grown)
+                continue
+            except lmdb.Error as exc:
+                # A durable commit syncs: a failure leaves the disk's state unknown.
+                raise SyncFailed(f"committing metadata: {exc}") from exc
             return result
 
     def _reserve(self, size: int) -> None:
         """Allocate every block of data.mdb below ``size`` (``posix_fallocate``; data is kept), so
         that no write through the writable map can hit a hole on a full filesystem. `StoreFull`
-        when the filesystem has no room for it."""
-        data_mdb = os.path.join(self._key, "data.mdb")
+        when the filesystem has no room for it. The new size is synced with the file."""
         try:
-            fd = os.open(data_mdb, os.O_RDWR)
+            fd = os.open(self.data_mdb, os.O_RDWR)
             try:
-                os.posix_fallocate(fd, 0, size)
+                if os.fstat(fd).st_size < size or os.fstat(fd).st_blocks * 512 < size:
+                    os.posix_fallocate(fd, 0, size)
+                    os.fsync(fd)
             finally:
                 os.close(fd)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreFull(
-                    f"no room for {size} bytes of metadata in {data_mdb}: {exc.strerror}"
+                    f"no room for {size} bytes of metadata in {self.data_mdb}: {exc.strerror}"
                 ) from exc
-            raise StoreError(f"cannot allocate {data_mdb}: {exc.strerror}") from exc
+            raise StoreError(f"cannot allocate {self.data_mdb}: {exc.strerror}") from exc
 
     def _grown_map_size(self) -> int:
         """Twice the map, but no further than the preallocated part of data.mdb until the map
@@ -232,6 +310,7 @@ class Meta:
         return count
 
     def used_bytes(self) -> int:
+        """LMDB's high-water mark: the pages below ``last_pgno`` (in use or free inside)."""
         info = self.env.info()
         stat = self.env.stat()
         return int((info["last_pgno"] + 1) * stat["psize"])
@@ -240,10 +319,10 @@ class Meta:
         try:
             self.env.sync(True)
         except lmdb.Error as exc:
-            raise StoreError(f"syncing metadata: {exc}") from exc
+            raise SyncFailed(f"syncing metadata: {exc}") from exc
 
     def close(self) -> None:
         if _OPEN.get(self._key) is self:
             del _OPEN[self._key]
-        self._drop_reader()
+        self.drop_reader()
         self.env.close()

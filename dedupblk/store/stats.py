@@ -1,5 +1,12 @@
 """A store's usage: `Statistics`, read from the last commit (works while another process serves
-the store: LMDB readers see the last committed state)."""
+the store: LMDB readers see the last committed state).
+
+One definition of the savings, used everywhere: the *logical* bytes are the device's pages that
+are not zeros (each stored in a slot or kept inline as a fill); the *stored* bytes are the slots
+in use. ``saved_bytes`` is logical minus stored, ``saving_percent`` is that share of the logical
+bytes, and ``dedup_ratio`` is logical over stored (None while nothing is stored). Zero pages take
+nothing and count in neither.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,8 @@ import os
 from dataclasses import dataclass
 
 from ..errors import NotAStore
-from .format import Config, State
-from .meta import Meta
+from .format import PAGE_SIZE, Config, State
+from .meta import Meta, damaged_metadata
 
 
 @dataclass(frozen=True)
@@ -16,32 +23,43 @@ class Statistics:
     """A consistent snapshot of a store's usage (the JSON keys of ``dedupblk stats``)."""
 
     size_bytes: int
-    page_size: int
-    mapped_pages: int
-    same_filled_pages: int
-    stored_pages: int
+    capacity_bytes: int  # data slots of the backend
+    mapped_pages: int  # pages stored in slots
+    same_filled_pages: int  # pages kept inline as one repeated 8-byte word
+    zero_pages: int  # pages that read as zeros and take nothing
+    lost_pages: int  # pages that read as EIO since a repair found their data damaged
+    stored_pages: int  # slots in use
+    free_slots: int
     index_entries: int
-    dedup_ratio: float
+    logical_bytes: int
+    stored_bytes: int
     saved_bytes: int
-    data_bytes: int
+    saving_percent: float
+    dedup_ratio: float | None
+    used_percent: float
     metadata_bytes: int
 
 
 def statistics_of(meta: Meta, config: Config, state: State) -> Statistics:
-    with meta.env.begin() as txn:
-        stored = meta.entries(txn, meta.refs)
-        index_entries = meta.entries(txn, meta.index)
-    mapped = state.mapped_pages
+    logical = (state.mapped_pages + state.same_filled_pages) * PAGE_SIZE
+    stored = state.stored_slots * PAGE_SIZE
+    capacity = (config.slot_capacity - 1) * PAGE_SIZE
     return Statistics(
         size_bytes=config.size,
-        page_size=config.page_size,
-        mapped_pages=mapped,
+        capacity_bytes=capacity,
+        mapped_pages=state.mapped_pages,
         same_filled_pages=state.same_filled_pages,
-        stored_pages=stored,
-        index_entries=index_entries,
-        dedup_ratio=mapped / stored if stored else 1.0,
-        saved_bytes=(mapped + state.same_filled_pages - stored) * config.page_size,
-        data_bytes=stored * config.page_size,
+        zero_pages=config.pages - state.mapped_pages - state.same_filled_pages - state.lost_pages,
+        lost_pages=state.lost_pages,
+        stored_pages=state.stored_slots,
+        free_slots=config.slot_capacity - 1 - state.stored_slots,
+        index_entries=state.index_entries,
+        logical_bytes=logical,
+        stored_bytes=stored,
+        saved_bytes=logical - stored,
+        saving_percent=100.0 * (logical - stored) / logical if logical else 0.0,
+        dedup_ratio=logical / stored if stored else None,
+        used_percent=100.0 * stored / capacity if capacity else 0.0,
         metadata_bytes=meta.used_bytes(),
     )
 
@@ -58,7 +76,8 @@ def read_statistics(path: str | os.PathLike[str]) -> tuple[Config, Statistics]:
         return config, statistics_of(opened, config, state)
     meta = Meta(store_dir, readonly=True)
     try:
-        config, state = meta.read_header()
-        return config, statistics_of(meta, config, state)
+        with damaged_metadata(store_dir):
+            config, state = meta.read_header()
+            return config, statistics_of(meta, config, state)
     finally:
         meta.close()

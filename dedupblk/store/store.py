@@ -7,60 +7,73 @@ Group commit: `Store.write` classifies pages and keeps them in a bounded buffer 
 (`GROUP_PAGES` pages or `GROUP_SECONDS` seconds, whichever comes first; a background thread
 commits a batch that waited its time, unless the store was opened with ``group_commit=False``
 by a caller that commits every batch itself). `Store.commit` applies the buffer in one LMDB write
-transaction; `Store.flush` commits and makes everything durable. Reads see pending pages. A kill
-of the process loses only pages still pending, which read back afterwards as their old content.
+transaction (`dedupblk.store.batch`); `Store.flush` commits and makes everything durable. Reads see
+pending pages. A kill of the process loses only pages still pending, which read back afterwards as
+their old content.
+
+A commit that cannot write its new slot data (a full filesystem, an I/O error) still commits every
+page that needs no new data (trims, zeroes, fills, duplicates), drops the rest (they read as their
+old content again: nothing that failed stays in memory) and raises; the next `flush` raises too,
+as a disk reports a failed write-back at the next cache flush. A failed sync cannot be taken back
+(Linux may have dropped the pages): the store then refuses every write and flush until reopened.
 
 Every public method takes the store's lock, so any thread may call any method.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
+import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
 from ..errors import (
+    BackendError,
     BackendMismatch,
+    DataLost,
+    DedupblkError,
     InvalidRequest,
     NotAStore,
     ReadOnlyStore,
     StoreError,
     StoreFull,
+    SyncFailed,
 )
+from ..fsinfo import in_memory
 from .backend import Backend
-from .batch import ZERO_PENDING, Batch, Pending
+from .batch import ZERO_PENDING, Batch, Pending, SlotCounts, WriteFailed
 from .check import CheckResult, Progress, run_checks
 from .fingerprint import DATA, FILL, ZERO, ZERO_PAGE, FingerprintFn, classify, fill_page, xxh3_128
 from .format import (
     DATA_FILE,
+    FILL_ENTRY,
     KEY_STATE,
-    KIND_SLOT,
-    MAP_ENTRY,
+    LOST_ENTRY,
+    MAP_CHUNK_PAGES,
     META_DIR,
     PAGE_SHIFT,
     PAGE_SIZE,
+    REF_CHUNK_SLOTS,
     U64BE,
-    State,
-    key_int,
+    U64LE,
+    fill_key,
+    map_key,
 )
 from .lock import StoreLock
-from .meta import Meta
+from .meta import Meta, damaged_metadata
 from .stats import Statistics, statistics_of
 
 log = logging.getLogger(__name__)
 
 GROUP_PAGES = 1024  # pages buffered before a commit (4 MiB)
 GROUP_SECONDS = 0.05  # longest a buffered page waits for its commit
-DEFERRED_LIMIT = 1 << 16  # freed-but-not-durable slots before a commit forces a flush
-SLOT_CACHE_PAGES = 1024  # slot contents kept for verifying duplicates (4 MiB)
-
-_pack_u64 = U64BE.pack
-_unpack_map = MAP_ENTRY.unpack
+SLOT_CACHE_PAGES = 256  # slot contents kept for verifying duplicates (1 MiB)
+LOG_INTERVAL_SECONDS = 10.0  # a repeated failure is logged at most this often
+_U32_AT = struct.Struct("<I").unpack_from
 
 
 def open_store(
@@ -85,6 +98,23 @@ def open_store(
     )
 
 
+class _RateLimited:
+    """Log a recurring failure once, then at most every `LOG_INTERVAL_SECONDS` with a count."""
+
+    def __init__(self) -> None:
+        self._last = 0.0
+        self._suppressed = 0
+
+    def error(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < LOG_INTERVAL_SECONDS:
+            self._suppressed += 1
+            return
+        more = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
+        log.error(message + more, *args)
+        self._last, self._suppressed = now, 0
+
+
 class Store:
     """An open store. See the module docstring for batching and `dedupblk.store.format` for
     what survives a crash."""
@@ -106,39 +136,40 @@ class Store:
         self._lock = threading.RLock()
         self._closed = False
         self._file_lock = StoreLock(store_dir, exclusive=not readonly)
+        self._meta: Meta | None = None
+        self._backend: Backend | None = None
         try:
-            self._meta = Meta(store_dir, readonly=readonly)
-            try:
-                self.config, self._state = self._meta.read_header()
-                self.backend_path = self.config.backend or os.path.join(store_dir, DATA_FILE)
-                self._backend = Backend(self.backend_path, readonly=readonly)
-            except BaseException:
-                self._meta.close()
-                raise
-        except BaseException:
-            self._file_lock.release()
-            raise
-        try:
+            # Where the metadata is decides how LMDB is opened; where the slots are is only
+            # known from the config, so a store whose slots alone are in RAM is opened again.
+            self.volatile = None if readonly else in_memory(os.path.join(store_dir, META_DIR))
+            self._meta = Meta(store_dir, readonly=readonly, durable=self.volatile is None)
+            self.config, self._state = self._meta.read_header()
+            self.backend_path = self.config.backend or os.path.join(store_dir, DATA_FILE)
+            if not readonly and self.volatile is None:
+                self.volatile = in_memory(self.backend_path)
+                if self.volatile is not None:
+                    self._meta.close()
+                    self._meta = Meta(store_dir, readonly=False, durable=False)
+            self._backend = Backend(self.backend_path, readonly=readonly)
             self._backend.check_header(self.config.uuid)
             if self._backend.capacity_slots() < self.config.slot_capacity:
                 raise BackendMismatch(
                     f"backend {self.backend_path} is smaller than when the store was created"
                 )
         except BaseException:
-            self._backend.close()
-            self._meta.close()
-            self._file_lock.release()
+            self._release_files()
             raise
         self.size = self.config.size
-        self._pages = self.config.pages
         self._pending: dict[int, Pending] = {}
         self._pending_data = 0  # DATA pages in _pending: each may need one slot
         self._pending_since = 0.0
-        self._available = 0  # slots a new page may take: free plus never used
-        self._free_count = 0  # slots in the free database
-        self._deferred = 0  # slots freed since the last durable point
-        self._to_release: list[bytes] = []  # deferred slots a flush made durable: to punch
-        self._releasing: set[bytes] = set()  # slots the committer is punching, without the lock
+        self._counts = SlotCounts(self.config.slot_capacity)
+        # Slots freed by the last commit, released after the next one (durable stores).
+        self._cooling: list[int] = []
+        self._unsynced = False  # a commit whose meta page is not known durable yet
+        self._write_error: DedupblkError | None = None  # for the next flush
+        self._broken: DedupblkError | None = None  # a failed sync: refuse until reopened
+        self._log = _RateLimited()
         self._committer: threading.Thread | None = None
         self._committer_idle = True  # it waits with no deadline: a new batch must wake it
         self._group_commit = group_commit  # commit a batch GROUP_SECONDS old in the background
@@ -147,48 +178,98 @@ class Store:
         self._slot_cache: dict[int, bytes] = {}
         self._wake = threading.Condition(self._lock)
         if not readonly:
-            self._open_for_writing()
+            try:
+                self._open_for_writing()
+            except BaseException:
+                self._release_files()
+                raise
+
+    def _release_files(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+        if self._meta is not None:
+            self._meta.close()
+        self._file_lock.release()
 
     # -- life cycle ------------------------------------------------------------------------------
 
     def _open_for_writing(self) -> None:
-        """Make what a killed predecessor committed durable, release its deferred slots, and
-        mark the store in use."""
-        self._backend.sync()
-        self._meta.sync()
+        """Make what a killed predecessor committed durable, count the free slots, give back
+        the space of free slots if the store was not closed cleanly, and mark it in use."""
+        meta = self._meta_
+        self._backend_.sync()
+        meta.sync()
+        self._count_slots(give_back=not self._state.clean)
         self._state.clean = 0
-        self._meta.write(lambda txn: txn.put(KEY_STATE, self._state.pack(), db=self._meta.info))
-        self._release_deferred(background=False)
-        self._meta.sync()
-        self._refresh_available()
+        meta.write(lambda txn: txn.put(KEY_STATE, self._state.pack(), db=meta.info))
+        meta.sync()
+
+    def _count_slots(self, *, give_back: bool) -> None:
+        """Count the free slots of every refs chunk afresh; with ``give_back``, punch (discard)
+        every free slot too: a killed server may have freed slots it never released, whose old
+        data still takes space (zram: memory)."""
+        meta, counts = self._meta_, SlotCounts(self.config.slot_capacity)
+        give_back = give_back and self._backend_.punches
+        capacity = self.config.slot_capacity
+        with damaged_metadata(self.path), meta.env.begin(buffers=True) as txn:
+            present = txn.cursor(db=meta.refs)
+            record = present.first()
+            for chunk in range(len(counts.free_in_chunk)):
+                refs = None
+                if record and U64BE.unpack(present.key())[0] == chunk:
+                    refs = bytes(present.value())
+                    record = present.next()
+                counts.count_chunk(chunk, refs)
+                if give_back:
+                    first = chunk * REF_CHUNK_SLOTS
+                    end = min(capacity, first + REF_CHUNK_SLOTS)
+                    self._discard(
+                        [
+                            s
+                            for s in range(max(1, first), end)
+                            if refs is None or not refs[s - first]
+                        ]
+                    )
+        self._counts = counts
+
+    @property
+    def _meta_(self) -> Meta:
+        assert self._meta is not None
+        return self._meta
+
+    @property
+    def _backend_(self) -> Backend:
+        assert self._backend is not None
+        return self._backend
 
     def close(self) -> None:
-        """Flush everything and release the store. Idempotent."""
+        """Flush everything, wait for the committer and release the store. Idempotent. If the
+        final flush fails the store is still released, and the error raised."""
         with self._lock:
             if self._closed:
                 return
             try:
-                if not self.readonly:
-                    self._flush_locked(wait=True)
+                if not self.readonly and self._broken is None:
+                    self._flush_locked()
                     self._state.clean = 1
-                    self._meta.write(
-                        lambda txn: txn.put(KEY_STATE, self._state.pack(), db=self._meta.info)
-                    )
-                    self._meta.sync()
+                    meta = self._meta_
+                    meta.write(lambda txn: txn.put(KEY_STATE, self._state.pack(), db=meta.info))
+                    meta.sync()
             finally:
                 self._closed = True
                 self._wake.notify_all()
-                self._backend.close()
-                self._meta.close()
-                self._file_lock.release()
-        committer = self._committer
-        if committer is not None and committer is not threading.current_thread():
-            committer.join()
+                committer = self._committer
+        try:
+            if committer is not None and committer is not threading.current_thread():
+                committer.join()
+        finally:
+            with self._lock:
+                self._release_files()
 
     @property
     def backend_preallocated(self) -> bool:
         """Whether the slots are a file written in full at create and never punched."""
-        return not self._backend.is_block and not self._backend.punches
+        return not self._backend_.is_block and not self._backend_.punches
 
     def __enter__(self) -> Store:
         return self
@@ -214,40 +295,50 @@ class Store:
     def _check_writable(self) -> None:
         if self.readonly:
             raise ReadOnlyStore("the store is open read-only")
+        if self._broken is not None:
+            raise BackendError(f"{self._broken} earlier; reopen the store") from self._broken
 
     def read(self, offset: int, length: int) -> bytes:
-        """The device's bytes ``[offset, offset + length)``; unwritten bytes read as zeros."""
+        """The device's bytes ``[offset, offset + length)``; unwritten bytes read as zeros.
+        `DataLost` (EIO) if a page in the range was found damaged by ``check --repair``."""
         with self._lock:
             self._check_range(offset, length)
             if length == 0:
                 return b""
             first = offset >> PAGE_SHIFT
             last = (offset + length - 1) >> PAGE_SHIFT
-            pending = self._pending
-            meta = self._meta
-            parts: list[bytes] = []
-            get = meta.reader().get
-            cache = self._slot_cache
-            mapdb = meta.map
-            for page in range(first, last + 1):
-                entry = pending.get(page)
-                if entry is not None:
-                    parts.append(entry[2] or (fill_page(entry[1]) if entry[1] else ZERO_PAGE))
-                    continue
-                raw = get(_pack_u64(page), db=mapdb)
-                if raw is None:
-                    parts.append(ZERO_PAGE)
-                    continue
-                kind, value = _unpack_map(raw)
-                if kind == KIND_SLOT:
-                    parts.append(cache.get(value) or self._backend.read_slot(value))
-                else:
-                    parts.append(fill_page(value))
+            parts = [self._page(page) for page in range(first, last + 1)]
             data = parts[0] if len(parts) == 1 else b"".join(parts)
             start = offset - (first << PAGE_SHIFT)
             if start == 0 and length == len(data):
                 return data
             return data[start : start + length]
+
+    def _page(self, page: int) -> bytes:
+        entry = self._pending.get(page)
+        if entry is not None:
+            return entry[2] or (fill_page(entry[1]) if entry[1] else ZERO_PAGE)
+        meta = self._meta_
+        with damaged_metadata(self.path):
+            txn = meta.reader()
+            chunk_no, at = divmod(page, MAP_CHUNK_PAGES)
+            chunk = txn.get(map_key(chunk_no), db=meta.map)
+            if chunk is None:
+                return ZERO_PAGE
+            value: int = _U32_AT(chunk, at * 4)[0]
+            if value == 0:
+                return ZERO_PAGE
+            if value == FILL_ENTRY:
+                raw = txn.get(fill_key(page), db=meta.fills)
+                if raw is None:
+                    raise DataLost(f"page {page} (bytes {page << PAGE_SHIFT}) has lost its fill")
+                return fill_page(U64LE.unpack(raw)[0])
+        if value == LOST_ENTRY:
+            raise DataLost(
+                f"page {page} (bytes {page << PAGE_SHIFT}-{((page + 1) << PAGE_SHIFT) - 1}) was "
+                "found damaged by check --repair; write or trim it"
+            )
+        return self._slot_cache.get(value) or self._backend_.read_slot(value)
 
     def write(
         self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
@@ -262,7 +353,13 @@ class Store:
         """
         with self._lock:
             length = len(data)
-            if self.readonly or offset < 0 or offset + length > self.size or self._closed:
+            if (
+                self.readonly
+                or self._broken is not None
+                or offset < 0
+                or offset + length > self.size
+                or self._closed
+            ):
                 self._check_writable()
                 self._check_range(offset, length)
             if length == PAGE_SIZE and not offset & (PAGE_SIZE - 1):  # the common request
@@ -279,7 +376,7 @@ class Store:
                 if take == PAGE_SIZE:
                     content = bytes(view[pos : pos + PAGE_SIZE])
                 else:
-                    old = self._page_locked(page)
+                    old = self._page(page)
                     content = old[:in_page] + bytes(view[pos : pos + take]) + old[in_page + take :]
                 self._accept(page, content)
                 pos += take
@@ -311,7 +408,13 @@ class Store:
                 if stop - start == PAGE_SIZE:
                     self._accept(page, ZERO_PAGE)
                 else:
-                    old = self._page_locked(page)
+                    try:
+                        old = self._page(page)
+                    except DataLost:
+                        if advisory:
+                            page += 1
+                            continue
+                        raise
                     lo, hi = start - (page << PAGE_SHIFT), stop - (page << PAGE_SHIFT)
                     try:
                         self._accept(page, old[:lo] + bytes(hi - lo) + old[hi:])
@@ -328,14 +431,21 @@ class Store:
             self._check_range(offset, length)
             out: list[tuple[int, int, bool]] = []
             end = offset + length
-            with self._meta.env.begin() as txn:
+            meta = self._meta_
+            with damaged_metadata(self.path):
+                txn = meta.reader()
+                chunk_no, chunk = -1, None
                 page = offset >> PAGE_SHIFT
                 while (page << PAGE_SHIFT) < end:
                     entry = self._pending.get(page)
                     if entry is not None:
                         hole = entry[0] == ZERO
                     else:
-                        hole = txn.get(_pack_u64(page), db=self._meta.map) is None
+                        if page // MAP_CHUNK_PAGES != chunk_no:
+                            chunk_no = page // MAP_CHUNK_PAGES
+                            chunk = txn.get(map_key(chunk_no), db=meta.map)
+                        at = (page % MAP_CHUNK_PAGES) * 4
+                        hole = chunk is None or _U32_AT(chunk, at)[0] == 0
                     start = max(offset, page << PAGE_SHIFT)
                     stop = min(end, (page + 1) << PAGE_SHIFT)
                     if out and out[-1][2] == hole:
@@ -346,22 +456,22 @@ class Store:
             return out
 
     def commit(self) -> None:
-        """Apply the pending batch in one LMDB transaction (not synced): from then on it survives
-        a kill of this process. If it fails, the pending pages stay pending."""
+        """Apply the pending batch in one LMDB transaction: from then on it survives a kill of
+        this process. See the module docstring for what a failed commit leaves."""
         with self._lock:
             self._commit_locked()
 
     def flush(self) -> None:
-        """Make every write accepted so far durable: commit, ``fdatasync`` the backend, sync LMDB,
-        then release (and punch) the slots freed since the last flush."""
+        """Make every write accepted so far durable: commit, then make that commit durable. On
+        a read-only store there is nothing to make durable. Raises the error of a commit that
+        failed since the last flush (the writes it dropped were not made durable)."""
         with self._lock:
+            if self.readonly:
+                return
             self._check_writable()
             self._flush_locked()
 
     # -- internals -------------------------------------------------------------------------------
-
-    def _page_locked(self, page: int) -> bytes:
-        return self.read(page << PAGE_SHIFT, PAGE_SIZE)
 
     def _accept(self, page: int, content: bytes) -> None:
         """Classify a full page and put it in the pending batch, committing first when the batch is
@@ -375,26 +485,25 @@ class Store:
             entry = (FILL, word, None)
         previous = self._pending.get(page)
         replaces_data = previous is not None and previous[0] == DATA
-        if kind == DATA and not replaces_data and self._pending_data >= self._available:
+        if kind == DATA and not replaces_data and self._pending_data >= self._counts.total:
             self._make_room()
-            if self._available == 0:
+            if self._counts.total == 0:
                 # No slot is known free: this page can only land if it dedups. Try it alone.
                 self._pending[page] = entry
                 self._pending_data += 1
                 try:
                     self._commit_locked()
                 except StoreFull:
-                    del self._pending[page]
-                    self._pending_data -= 1
+                    self._pending.pop(page, None)
                     raise
                 return
-            previous = None
-            replaces_data = False
+            previous = self._pending.get(page)
+            replaces_data = previous is not None and previous[0] == DATA
         if not self._pending:
             self._pending_since = time.monotonic()
-            if self._committer_idle and self._group_commit:  # else it has a deadline already
-                self._start_committer()
-                self._wake.notify()
+        if self._committer_idle and self._group_commit:  # else it has a deadline already
+            self._start_committer()
+            self._wake.notify()
         self._pending[page] = entry
         self._pending_data += (kind == DATA) - replaces_data
         if len(self._pending) >= GROUP_PAGES:
@@ -402,153 +511,127 @@ class Store:
 
     def _make_room(self) -> None:
         self._commit_locked()
-        if self._available == 0 and (self._deferred or self._to_release or self._releasing):
-            self._flush_locked(wait=True)
+        if self._counts.total == 0 and self._cooling:
+            self._flush_locked()  # a durable point releases the slots the last commit freed
 
     def _start_committer(self) -> None:
         if self._committer is None or not self._committer.is_alive():
+            self._committer_idle = False
             self._committer = threading.Thread(
                 target=self._committer_loop, name="dedupblk-commit", daemon=True
             )
             self._committer.start()
 
     def _committer_loop(self) -> None:
-        """Housekeeping off the request path: commit a batch that waited `GROUP_SECONDS` when no
-        request did it first, and punch slots released by a flush (see `_release_deferred`)."""
+        """Off the request path: commit a batch that waited `GROUP_SECONDS` when no request
+        did it first."""
         with self._lock:
             try:
-                self._committer_work()
+                while not self._closed:
+                    if self._pending and self._group_commit:
+                        due = self._pending_since + GROUP_SECONDS - time.monotonic()
+                        if due <= 0:
+                            try:
+                                self._commit_locked()
+                            except DedupblkError as exc:
+                                self._log.error("background commit failed: %s", exc)
+                            continue
+                        self._wake.wait(due)
+                    else:
+                        self._committer_idle = True
+                        self._wake.wait(1.0)
+                        self._committer_idle = False
             finally:
                 self._committer_idle = True  # gone: the next batch starts a new one
-
-    def _committer_work(self) -> None:
-        while not self._closed:
-            if self._to_release:
-                self._release_in_background()
-            elif self._pending and self._group_commit:
-                due = self._pending_since + GROUP_SECONDS - time.monotonic()
-                if due <= 0:
-                    try:
-                        self._commit_locked()
-                    except Exception:
-                        log.exception("background commit failed; pages stay pending")
-                        self._wake.wait(GROUP_SECONDS)
-                    continue
-                self._wake.wait(due)
-            else:
-                self._committer_idle = True
-                self._wake.wait(1.0)
-                self._committer_idle = False
-
-    def _release_in_background(self) -> None:
-        """Punch the slots a flush released without holding the lock (requests go on), then make
-        them free. Until then they stay in ``deferred``, so nothing can be written to them."""
-        slots, self._to_release = self._to_release, []
-        self._releasing = set(slots)
-        self._lock.release()
-        try:
-            self._backend.discard(key_int(key) for key in slots)
-        except StoreError:
-            log.exception("punching freed slots failed; their space is not given back")
-        finally:
-            self._lock.acquire()
-            self._releasing = set()
-        if not self._closed:
-            self._free_slots(slots)
-        self._wake.notify_all()
-
-    def _wait_for_release(self) -> None:
-        while self._to_release or self._releasing:
-            self._wake.wait()
-
-    def _refresh_available(self) -> None:
-        meta = self._meta
-        with meta.env.begin() as txn:
-            free = self._free_count = meta.entries(txn, meta.free)
-            self._deferred = meta.entries(txn, meta.deferred)
-        self._available = free + self.config.slot_capacity - self._state.slot_high
-
-    def _flush_locked(self, *, wait: bool = False) -> None:
-        """Commit, sync, then release the deferred slots: in the background thread, or here when
-        ``wait`` (a caller that needs the slots at once)."""
-        if self.readonly or self._closed:
-            return
-        self._commit_locked()
-        self._backend.sync()
-        self._meta.sync()
-        if wait:
-            # Never punch here while the committer punches: it could hit a slot reused meanwhile.
-            self._wait_for_release()
-        if self._deferred:
-            self._release_deferred(background=not wait)
-
-    def _release_deferred(self, *, background: bool) -> None:
-        """Punch the deferred slots and make them free. Call only at a durable point: the
-        transactions that freed them are synced, so no durable mapping names them."""
-        meta = self._meta
-        queued = set(self._to_release) | self._releasing
-        with meta.env.begin() as txn:
-            slots = [
-                key
-                for key in txn.cursor(db=meta.deferred).iternext(values=False)
-                if key not in queued
-            ]
-        if background:
-            self._to_release.extend(slots)
-            self._start_committer()
-            self._wake.notify_all()
-        elif slots:
-            self._backend.discard(key_int(key) for key in slots)
-            self._free_slots(slots)
-
-    def _free_slots(self, slots: list[bytes]) -> None:
-        """Move punched slots from ``deferred`` to ``free`` in one transaction."""
-        meta = self._meta
-
-        def release(txn: Any) -> None:
-            for key in slots:
-                if txn.delete(key, db=meta.deferred):
-                    txn.put(key, b"", db=meta.free)
-
-        meta.write(release)
-        self._refresh_available()
 
     def _commit_locked(self) -> None:
         if not self._pending or self._closed:
             return
         batch = self._pending
-        applied: list[Batch] = []
+        self._pending, self._pending_data = {}, 0
+        try:
+            done = self._apply(batch, new_data=True)
+        except WriteFailed as failed:
+            # The new slot data could not be written: commit what needs none, drop the rest.
+            error = failed.error
+            self._log.error("a commit failed, %d pages dropped: %s", len(batch), error)
+            self._write_error = error
+            if self._broken is None:
+                self._committed(self._apply(batch, new_data=False))
+            raise error from None
+        except BaseException:
+            self._pending = batch  # nothing was committed: the pages stay pending
+            self._pending_data = sum(1 for entry in batch.values() if entry[0] == DATA)
+            raise
+        self._committed(done)
 
-        def body(txn: Any) -> State:
-            # The last try is the one that committed.
+    def _apply(self, batch: dict[int, Pending], *, new_data: bool) -> Batch:
+        """Run one commit of ``batch``; with ``new_data`` False, pages that would need a new slot
+        are left out (see `NeedsSlot`)."""
+        meta = self._meta_
+        applied: list[Batch] = []
+        durable = self.volatile is None
+
+        def body(txn: Any) -> None:
             applied[:] = [
                 Batch(
                     txn,
-                    meta=self._meta,
-                    backend=self._backend,
+                    meta=meta,
+                    backend=self._backend_,
                     config=self.config,
                     state=self._state,
                     fingerprint=self._fingerprint,
                     slot_cache=self._slot_cache,
-                    free_count=self._free_count,
+                    counts=self._counts,
+                    durable=durable,
+                    new_data=new_data,
                 )
-            ]
-            return applied[0].apply(batch)
+            ]  # the last try is the one that commits
+            applied[0].apply(batch)
 
-        self._state = self._meta.write(body)
-        self._pending = {}
-        self._pending_data = 0
-        done = applied[0]
-        self._available -= done.allocated
-        self._free_count = done.free_left
-        self._deferred += len(done.dead)
+        try:
+            with damaged_metadata(self.path):
+                meta.write(body)
+        except WriteFailed as failed:
+            if isinstance(failed.error, SyncFailed):
+                self._broken = failed.error
+            raise
+        except SyncFailed as exc:
+            self._broken = exc
+            raise
+        return applied[0]
+
+    def _committed(self, done: Batch) -> None:
+        """After a commit: take its counts, release what may be released, cache slot data."""
+        self._state = done.state
+        self._unsynced = True
+        counts = self._counts
+        for chunk, taken in done.allocated_by_chunk.items():
+            counts.free_in_chunk[chunk] -= taken
+            counts.total -= taken
+        counts.rover = done.rover
+        counts.unreleased.update(done.dead)
+        if self.volatile is not None:
+            self._release(done.dead)  # the commit is as durable as it will ever be
+        else:
+            self._release(self._cooling)  # durable now that this commit synced its data pages
+            self._cooling = done.dead
         self._remember_slots(done)
-        if self._deferred > DEFERRED_LIMIT:
-            self._flush_locked()
+
+    def _release(self, slots: list[int]) -> None:
+        if slots:
+            self._discard(slots)
+            self._counts.release(slots)
+
+    def _discard(self, slots: list[int]) -> None:
+        try:
+            self._backend_.discard(slots)
+        except BackendError as exc:
+            self._log.error("giving back the space of freed slots failed: %s", exc)
 
     def _remember_slots(self, done: Batch) -> None:
-        """After a commit: forget the slots it freed, remember the ones it wrote or read, and keep
-        the cache within `SLOT_CACHE_PAGES` (oldest first out)."""
+        """Forget the slots a commit freed, remember the ones it wrote or read, and keep the
+        cache within `SLOT_CACHE_PAGES` (oldest first out)."""
         cache = self._slot_cache
         for slot in done.dead:
             cache.pop(slot, None)
@@ -556,13 +639,32 @@ class Store:
         cache.update(done.stored)
         excess = len(cache) - SLOT_CACHE_PAGES
         if excess > 0:
-            for slot in list(itertools.islice(cache, excess)):
+            for slot in list(_first(cache, excess)):
                 del cache[slot]
+
+    def _flush_locked(self) -> None:
+        """Commit, make the commit durable, release the slots it freed; raise the error of a
+        commit that failed since the last flush."""
+        if self.readonly or self._closed:
+            return
+        self._commit_locked()
+        if self.volatile is None and self._unsynced:
+            try:
+                self._meta_.sync()
+            except SyncFailed as exc:
+                self._broken = exc
+                raise
+            self._unsynced = False
+            self._release(self._cooling)
+            self._cooling = []
+        error, self._write_error = self._write_error, None
+        if error is not None:
+            raise type(error)(f"an earlier write failed and was not kept: {error}") from error
 
     def statistics(self) -> Statistics:
         """Usage as of the last commit (pending pages are not counted)."""
         with self._lock:
-            return statistics_of(self._meta, self.config, self._state)
+            return statistics_of(self._meta_, self.config, self._state)
 
     def check(
         self,
@@ -577,14 +679,39 @@ class Store:
             if repair:
                 self._check_writable()
             self._commit_locked()
+            meta = self._meta_
+            meta.drop_reader()
             result = run_checks(
-                self._meta, self._backend, repair=repair, progress=progress, on_total=on_total
+                meta, self._backend_, repair=repair, progress=progress, on_total=on_total
             )
             if result.repaired:
-                self.config, self._state = self._meta.read_header()
+                self.config, self._state = meta.read_header()
                 self._slot_cache.clear()
-                self._refresh_available()
+                self._cooling = []
+                self._count_slots(give_back=True)
             return result
+
+    def lost_pages(self) -> list[int]:
+        """Pages that read as EIO (see "Repair" in the format), in order."""
+        with self._lock:
+            meta = self._meta_
+            lost: list[int] = []
+            with damaged_metadata(self.path), meta.env.begin(buffers=True) as txn:
+                for key, chunk in txn.cursor(db=meta.map):
+                    first = int.from_bytes(key[4:12], "big") * MAP_CHUNK_PAGES
+                    lost.extend(
+                        first + i
+                        for i in range(MAP_CHUNK_PAGES)
+                        if _U32_AT(chunk, i * 4)[0] == LOST_ENTRY
+                    )
+            return lost
+
+
+def _first(mapping: dict[int, bytes], count: int) -> Iterator[int]:
+    for n, key in enumerate(mapping):
+        if n >= count:
+            return
+        yield key
 
 
 def check_store(

@@ -1,5 +1,6 @@
 """One test per named invariant: break exactly it on disk by flipping bits, assert `check` finds
-it, repair, assert a second check is clean and the surviving data reads back."""
+it, repair, assert a second check is clean and the surviving data reads back; and a repair never
+makes damaged data good: such pages read as EIO, named by device byte range."""
 
 from __future__ import annotations
 
@@ -10,20 +11,32 @@ from typing import Any
 
 import lmdb
 import pytest
+from click.testing import CliRunner
 
+from dedupblk.cli import main
+from dedupblk.errors import DataLost
 from dedupblk.store import check_store, create_store, open_store
-from dedupblk.store.format import CONFIG, KEY_STATE, STATE
+from dedupblk.store.format import (
+    CONFIG,
+    FILL_ENTRY,
+    KEY_STATE,
+    MAP_CHUNK_PAGES,
+    STATE,
+    map_key,
+)
 from tests.conftest import rand_page
 
 P = 4096
 SHARED, UNIQUE = rand_page(1), rand_page(2)
+LAYOUT = [SHARED, SHARED, SHARED, UNIQUE, b"\x5a" * P]  # pages 0-4; slot 1 SHARED, slot 2 UNIQUE
+DBS = (b"info", b"map", b"fills", b"refs", b"fps", b"index")
 
 
 def _populated(tmp_path: Path) -> str:
     path = str(tmp_path / "store")
     create_store(path, 1 << 20)
     with open_store(path) as store:
-        store.write(0, SHARED * 3 + UNIQUE + b"\x5a" * P)
+        store.write(0, b"".join(LAYOUT))
         store.write(10 * P, rand_page(3))
         store.flush()
         store.trim(10 * P, P)  # one slot goes free
@@ -40,7 +53,7 @@ def _flip(raw: bytes, byte: int, bit: int = 0) -> bytes:
 
 def _edit(path: str, body: Callable[[Any, dict[bytes, Any]], None]) -> None:
     env = lmdb.open(os.path.join(path, "meta"), max_dbs=8)
-    dbs = {name: env.open_db(name) for name in (b"info", b"map", b"refs", b"index", b"free")}
+    dbs = {name: env.open_db(name) for name in DBS}
     with env.begin(write=True) as txn:
         body(txn, dbs)
     env.close()
@@ -55,31 +68,17 @@ def _first(txn: Any, db: Any) -> tuple[bytes, bytes]:
 def break_refcounts(path: str) -> None:
     def body(txn: Any, dbs: dict[bytes, Any]) -> None:
         key, value = _first(txn, dbs[b"refs"])
-        txn.put(key, _flip(value, 0, 2), db=dbs[b"refs"])
-
-    _edit(path, body)
-
-
-def break_free_live(path: str) -> None:
-    def body(txn: Any, dbs: dict[bytes, Any]) -> None:
-        key, _ = _first(txn, dbs[b"refs"])
-        txn.put(key, b"", db=dbs[b"free"])
-
-    _edit(path, body)
-
-
-def break_leaks(path: str) -> None:
-    def body(txn: Any, dbs: dict[bytes, Any]) -> None:
-        key, _ = _first(txn, dbs[b"free"])
-        txn.delete(key, db=dbs[b"free"])
+        txn.put(key, _flip(value, 1, 2), db=dbs[b"refs"])  # slot 1's refcount: 3 -> 7
 
     _edit(path, body)
 
 
 def break_fingerprints(path: str) -> None:
+    """The stored word of slot 2 (UNIQUE) no longer matches its data."""
+
     def body(txn: Any, dbs: dict[bytes, Any]) -> None:
-        key, value = _first(txn, dbs[b"refs"])
-        txn.put(key, _flip(value, 9, 5), db=dbs[b"refs"])
+        key, value = _first(txn, dbs[b"fps"])
+        txn.put(key, _flip(value, 2 * 4, 3), db=dbs[b"fps"])
 
     _edit(path, body)
 
@@ -87,20 +86,20 @@ def break_fingerprints(path: str) -> None:
 def break_index(path: str) -> None:
     def body(txn: Any, dbs: dict[bytes, Any]) -> None:
         key, value = _first(txn, dbs[b"index"])
-        txn.put(key, _flip(value, 0, 0), db=dbs[b"index"])  # names a neighbouring slot
+        txn.put(key, _flip(value, 0, 0), db=dbs[b"index"])  # the first entry's tag
 
     _edit(path, body)
 
 
 def break_bounds(path: str) -> None:
+    """Page 4's entry (the fill) names a slot far beyond the backend instead."""
+
     def body(txn: Any, dbs: dict[bytes, Any]) -> None:
-        cursor = txn.cursor(db=dbs[b"map"])
-        for key, value in cursor:
-            if value[0] == 2:  # the same-filled page: moving it keeps every count right
-                txn.delete(key, db=dbs[b"map"])
-                txn.put(_flip(key, 0, 6), value, db=dbs[b"map"])  # a page far beyond the end
-                return
-        raise AssertionError("no fill mapping")
+        key = map_key(0)
+        chunk = bytearray(txn.get(key, db=dbs[b"map"]))
+        assert chunk[16:20] == FILL_ENTRY.to_bytes(4, "little")
+        chunk[16:20] = _flip(bytes(4), 2, 6)  # slot 0x400000
+        txn.put(key, bytes(chunk), db=dbs[b"map"])
 
     _edit(path, body)
 
@@ -108,14 +107,14 @@ def break_bounds(path: str) -> None:
 def break_counters(path: str) -> None:
     def body(txn: Any, dbs: dict[bytes, Any]) -> None:
         raw = txn.get(KEY_STATE, db=dbs[b"info"])
-        txn.put(KEY_STATE, _flip(raw, 8, 1), db=dbs[b"info"])  # mapped_pages
-        assert STATE.unpack(raw)[1] != STATE.unpack(_flip(raw, 8, 1))[1]
+        txn.put(KEY_STATE, _flip(raw, 0, 1), db=dbs[b"info"])  # mapped_pages
+        assert STATE.unpack(raw)[0] != STATE.unpack(_flip(raw, 0, 1))[0]
 
     _edit(path, body)
 
 
 def break_slot_data(path: str) -> None:
-    """A bit flip in the unique page's slot: its fingerprint and index entry both stop matching."""
+    """A bit flip in the unique page's slot: its fingerprint and index entry stop matching."""
     with open(os.path.join(path, "slots"), "r+b") as f:
         f.seek(2 * P + 100)  # slot 2 holds UNIQUE (slot 1 holds SHARED)
         byte = f.read(1)
@@ -123,33 +122,77 @@ def break_slot_data(path: str) -> None:
         f.write(bytes([byte[0] ^ 0x10]))
 
 
-BREAKERS = {
-    "refcounts": (break_refcounts, {"refcounts"}),
-    "free-live": (break_free_live, {"free-live"}),
-    "leaks": (break_leaks, {"leaks"}),
-    "fingerprints": (break_fingerprints, {"fingerprints"}),
-    "index": (break_index, {"index"}),
-    "bounds": (break_bounds, {"bounds"}),
-    "counters": (break_counters, {"counters"}),
-    "slot-data": (break_slot_data, {"fingerprints", "index"}),
+# name -> (breaker, checks that find it, pages lost by the repair)
+BREAKERS: dict[str, tuple[Callable[[str], None], set[str], list[int]]] = {
+    "refcounts": (break_refcounts, {"refcounts"}, []),
+    "fingerprints": (break_fingerprints, {"fingerprints", "index"}, [3]),
+    "index": (break_index, {"index"}, []),
+    "bounds": (break_bounds, {"bounds", "counters"}, [4]),
+    "counters": (break_counters, {"counters"}, []),
+    "slot-data": (break_slot_data, {"fingerprints", "index"}, [3]),
 }
 
 
 @pytest.mark.parametrize("name", sorted(BREAKERS))
 def test_check_finds_and_repairs(tmp_path: Path, name: str) -> None:
     path = _populated(tmp_path)
-    breaker, expected = BREAKERS[name]
+    breaker, expected, lost = BREAKERS[name]
     breaker(path)
     found = check_store(path)
     assert {p.check for p in found.problems} == expected
     repaired = check_store(path, repair=True)
     assert repaired.repaired
+    assert repaired.lost == [(page * P, P) for page in lost]
     assert check_store(path).problems == []
     with open_store(path) as store:
-        assert store.read(0, P) == SHARED
-        assert store.read(4 * P, P) == b"\x5a" * P or name == "bounds"
+        for page, content in enumerate(LAYOUT):
+            if page in lost:
+                with pytest.raises(DataLost):
+                    store.read(page * P, P)
+            else:
+                assert store.read(page * P, P) == content
         store.write(20 * P, rand_page(9))  # the repaired store takes writes
+        for page in lost:  # a lost page is good again once written
+            store.write(page * P, rand_page(100 + page))
+            assert store.read(page * P, P) == rand_page(100 + page)
+        store.commit()
+        assert store.statistics().lost_pages == 0
     assert check_store(path).problems == []
+
+
+def test_repair_of_damaged_data_names_the_range_and_exits_with_data_lost(tmp_path: Path) -> None:
+    path = _populated(tmp_path)
+    break_slot_data(path)
+    runner = CliRunner()
+    checked = runner.invoke(main, ["check", path])
+    assert checked.exit_code == 1
+    assert "bytes 12288-16383 (pages 3-3): the data does not match its fingerprint" in checked.stdout
+    assert "slot" not in checked.stdout.split("index")[0]  # damage is named by device range
+    repaired = runner.invoke(main, ["check", path, "--repair"])
+    assert repaired.exit_code == 3, repaired.output
+    assert "data lost: bytes 12288-16383 (pages 3-3) now read as EIO" in repaired.stdout
+    again = runner.invoke(main, ["check", path])
+    assert again.exit_code == 0, again.output
+
+
+def test_a_damaged_lmdb_file_is_one_line_and_an_exit_code(tmp_path: Path) -> None:
+    path = _populated(tmp_path)
+    data = Path(path, "meta", "data.mdb")
+    raw = bytearray(data.read_bytes())
+    hit = 0
+    for page in range(2, len(raw) // P):  # every page holding the format record (info's leaf)
+        if b"DEDUPBLK" in raw[page * P : (page + 1) * P]:
+            raw[page * P + 10] ^= 0x7F  # its page flags (LMDB 0.9 header: pgno, pad, flags)
+            hit += 1
+    assert hit
+    data.write_bytes(bytes(raw))
+    for command in (["check", path], ["check", path, "--repair"], ["info", path], ["stats", path]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code not in (0, None), (command, result.output)
+        assert not isinstance(result.exception, Exception) or isinstance(
+            result.exception, SystemExit
+        ), (command, result.exception)
+        assert len(result.stderr.strip().splitlines()) <= 1, (command, result.stderr)
 
 
 def test_config_record_is_what_the_spec_says(tmp_path: Path) -> None:
@@ -157,6 +200,10 @@ def test_config_record_is_what_the_spec_says(tmp_path: Path) -> None:
     env = lmdb.open(os.path.join(path, "meta"), max_dbs=8, readonly=True)
     with env.begin() as txn:
         raw = txn.get(b"config", db=env.open_db(b"info", txn=txn, create=False))
+        chunk = txn.get(map_key(0), db=env.open_db(b"map", txn=txn, create=False))
     env.close()
     size, page_size = CONFIG.unpack_from(raw)[:2]
     assert (size, page_size) == (1 << 20, P)
+    assert len(chunk) == MAP_CHUNK_PAGES * 4
+    entries = [int.from_bytes(chunk[i * 4 : i * 4 + 4], "little") for i in range(6)]
+    assert entries == [1, 1, 1, 2, FILL_ENTRY, 0]

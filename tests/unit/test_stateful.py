@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from dedupblk.store import Store, StoreFull, create_store, open_store
-from dedupblk.store.format import KIND_SLOT, MAP_ENTRY, REF, key_int
+from dedupblk.store.format import FILL_ENTRY, LOST_ENTRY, REF_CHUNK_SLOTS, U64BE
 
 P = 4096
 PAGES = 24
@@ -117,14 +117,21 @@ class StoreMachine(RuleBasedStateMachine):
     @invariant()
     def invariants_hold(self) -> None:
         assert self.store.check().problems == []
+        # A second count, independent of `check`: map entries naming each slot, and refcounts.
         meta = self.store._meta
         with meta.env.begin() as txn:
             mapped = Counter(
-                MAP_ENTRY.unpack(v)[1]
-                for v in txn.cursor(db=meta.map).iternext(keys=False)
-                if MAP_ENTRY.unpack(v)[0] == KIND_SLOT
+                entry
+                for chunk in txn.cursor(db=meta.map).iternext(keys=False)
+                for entry in memoryview(chunk).cast("I")
+                if entry not in (0, FILL_ENTRY, LOST_ENTRY)
             )
-            refs = {key_int(k): REF.unpack(v)[0] for k, v in txn.cursor(db=meta.refs).iternext()}
+            refs = {
+                U64BE.unpack(key)[0] * REF_CHUNK_SLOTS + i: n
+                for key, chunk in txn.cursor(db=meta.refs).iternext()
+                for i, n in enumerate(chunk)
+                if n
+            }
         assert refs == dict(mapped)
 
     def teardown(self) -> None:

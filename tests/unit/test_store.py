@@ -68,7 +68,7 @@ def test_duplicates_share_one_slot(store: Store) -> None:
     assert (stats.mapped_pages, stats.stored_pages) == (11, 2)
     assert stats.dedup_ratio == pytest.approx(11 / 2)
     assert stats.saved_bytes == 9 * P
-    assert stats.data_bytes == 2 * P
+    assert stats.stored_bytes == 2 * P
     assert store.read(9 * P, P) == page
 
 
@@ -422,23 +422,19 @@ def test_pending_pages_commit_within_the_time_window(store_dir: str) -> None:
 def test_a_dead_committer_is_replaced_by_the_next_batch(
     store_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The background thread dies on an unexpected error while releasing slots: the next write
-    must still be committed within the time window (a new thread takes over)."""
+    """The background thread dies on an unexpected error in a commit: the next write must still
+    be committed within the time window (a new thread takes over)."""
     died: list[BaseException | None] = []
     monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
     with open_store(store_dir) as store:
-        store.write(0, rand_page(1))
-        store.commit()
-        store.write(0, rand_page(2))
-        store.commit()  # the first slot dies: deferred until a flush releases it
-        real_free_slots = store._free_slots
+        real_commit = store._commit_locked
 
-        def fail_once(slots: list[bytes]) -> None:
-            monkeypatch.setattr(store, "_free_slots", real_free_slots)
+        def fail_once() -> None:
+            monkeypatch.setattr(store, "_commit_locked", real_commit)
             raise RuntimeError("simulated failure in the committer thread")
 
-        monkeypatch.setattr(store, "_free_slots", fail_once)
-        store.flush()  # the committer punches in the background, and dies
+        monkeypatch.setattr(store, "_commit_locked", fail_once)
+        store.write(0, rand_page(1))  # the committer's timed commit fails, and it dies
         first = store._committer
         assert first is not None
         first.join(30)
@@ -452,9 +448,9 @@ def test_a_dead_committer_is_replaced_by_the_next_batch(
         assert store._committer is not first
 
 
-def test_pruning_may_remove_the_last_age_record(tmp_path: Path) -> None:
-    """Shared entries are kept and the newest, single one is dropped: the walk then ends at the
-    end of the age records instead of reading past it."""
+def test_pruning_may_remove_the_newest_entry(tmp_path: Path) -> None:
+    """Shared entries are kept and the newest, single one is dropped: the walk over the bucket
+    ends with its last entry."""
     path = str(tmp_path / "s")
     create_store(path, SMALL, max_index_entries=2)
     a, b, c = rand_page(1), rand_page(2), rand_page(3)
@@ -477,25 +473,28 @@ def test_without_group_commit_only_the_caller_commits(store_dir: str) -> None:
         assert read_statistics(store_dir)[1].stored_pages == 1
 
 
-def test_cached_slot_contents_follow_slot_reuse(store_dir: str) -> None:
+def test_cached_slot_contents_follow_slot_reuse(tmp_path: Path) -> None:
     """Verification and reads use cached slot contents: a slot freed and reused for other bytes
-    must never be matched or read with its old ones."""
+    must never be matched or read with its old ones. Three data slots: the freed one is the only
+    one left, so it is reused."""
+    path = str(tmp_path / "s")
+    create_store(path, SMALL, backend_size=4 * P)
     a, b, c = rand_page(11), rand_page(12), rand_page(13)
-    with open_store(store_dir) as store:
+    with open_store(path) as store:
         store.write(0, a)
         store.commit()
         (slot_a,) = store._slot_cache  # cached when written
         store.write(0, b)  # a's slot dies...
+        store.write(2 * P, rand_page(14))  # (the last never-used slot)
         store.flush()  # ...and is free again once that is durable
-        with store._lock:
-            store._wait_for_release()
         store.write(P, c)
         store.commit()
         assert store._slot_cache[slot_a] == c  # reused for c, cache follows
-        store.write(2 * P, a)  # a again: a new slot, not a match against the reused one
         store.write(3 * P, c)  # c again: shares the reused slot, verified against c
         store.commit()
-        assert [store.read(n * P, P) for n in range(4)] == [b, c, a, c]
+        assert [store.read(n * P, P) for n in range(4)] == [b, c, rand_page(14), c]
+        with pytest.raises(StoreFull):  # a again: it needs a new slot, not the reused one
+            store.write(4 * P, a)
         stats = store.statistics()
         assert (stats.mapped_pages, stats.stored_pages) == (4, 3)
         assert store.check().problems == []
