@@ -24,6 +24,7 @@ import threading
 from collections.abc import Iterable, Sequence
 
 from ..errors import BackendError, BackendMismatch, StoreFull
+from ..libc import function
 from .format import (
     BACKEND_HEADER,
     BACKEND_MAGIC,
@@ -41,15 +42,14 @@ IOV_MAX = 1024
 # Most pages in one O_DIRECT write to a block device: Linux's BIO_MAX_VECS.  Up to that, a
 # synchronous write is one bio on the kernel stack (6.12 block/fops.c, __blkdev_direct_IO_simple);
 # past it, the bios after the first come from fs_bio_set, the pool swap-out bios come from too
-# (see "Swap placement" in dedupblk/frontends/ublk.py).
+# (see "Swap placement" in docs/swap.md).
 BLOCK_DIO_MAX_PAGES = 256
 ZERO_CHUNK = 1 << 20  # bytes of zeros per write when preallocating
 log = logging.getLogger(__name__)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
+_fallocate = function(
+    "fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64
+)
 
 
 def device_size(fd: int) -> int:

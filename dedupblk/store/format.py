@@ -90,7 +90,7 @@ warning in the log). Slot I/O is ``O_DIRECT``: writing a slot needs no page-cach
 filesystem mounted ``lazytime`` (timestamps not journalled) the server's writes to these files
 then never wait for the filesystem's journal nor for a block allocation. They still take their
 bios from the pool the kernel's swap-outs use, which a block device backend does not (see "Swap
-placement" in `dedupblk.frontends.ublk`). Durability is unchanged: ``flush`` still syncs both.
+placement" in docs/swap.md). Durability is unchanged: ``flush`` still syncs both.
 
 Metadata writes: a writer opens LMDB with ``MDB_WRITEMAP`` (dirty pages are changed in the shared
 map; no ``pwrite`` per page at commit) and ``MDB_NOSYNC``. LMDB extends ``data.mdb`` to the map

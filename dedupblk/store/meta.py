@@ -77,7 +77,7 @@ class Meta:
                 # A writer changes pages in the shared map (MDB_WRITEMAP) instead of writing
                 # each dirty page with pwrite at commit: about a quarter less CPU per ublk pass,
                 # and with the metadata on disk the whole-machine swap test hung far less often
-                # with it (see "Swap placement" in dedupblk/frontends/ublk.py).  Every block of
+                # with it (see "Swap placement" in docs/swap.md).  Every block of
                 # the map is
                 # allocated first (`_reserve`): a write through the map into a hole of a full
                 # filesystem would kill the process with SIGBUS.
