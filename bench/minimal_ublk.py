@@ -20,43 +20,8 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from dedupblk.frontends.ublk import serve_block_store  # noqa: E402 -- after the path
-from dedupblk.store import InvalidRequest, parse_size  # noqa: E402
-
-
-class RamDisk:
-    """A `BlockStore` in a bytearray: a range check, then one copy, nothing else."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.disk = bytearray(size)
-        self.view = memoryview(self.disk)
-
-    def _check(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise InvalidRequest(f"{length} bytes at {offset} are outside {self.size} bytes")
-
-    def read(self, offset: int, length: int) -> bytes:
-        self._check(offset, length)
-        return bytes(self.view[offset : offset + length])
-
-    def write(
-        self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
-    ) -> None:
-        self._check(offset, len(data))
-        self.view[offset : offset + len(data)] = data
-
-    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
-        self.write_zeroes(offset, length)
-
-    def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
-        self._check(offset, length)
-        self.view[offset : offset + length] = bytes(length)
-
-    def commit(self) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
+from dedupblk.ramdisk import RamDisk  # noqa: E402
+from dedupblk.sizes import parse_size  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

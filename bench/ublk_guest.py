@@ -18,7 +18,7 @@ with the job's writes (`store_alone`; no kernel, no frontend).  Every measuremen
 one ``RESULT {json}`` line for the host to collect.
 
 With ``--profile DIR``, one more ublk run of the first job follows the measured rounds with
-``DEDUPBLK_UBLK_PROFILE=DIR`` (cProfile of each queue thread, see dedupblk/frontends/ublk.py); the
+``DEDUPBLK_UBLK_PROFILE=DIR`` (cProfile of each queue thread, see dedupblk/ublk/queue.py); the
 top functions are printed.  Its numbers are not part of the results (cProfile slows the server).
 """
 

@@ -22,6 +22,7 @@ from .store import check_store, create_store, open_store, read_statistics
 from .store.check import describe_range
 from .store.format import DEFAULT_MAX_SHARE, FINGERPRINT_NAMES, FORMAT_VERSION
 from .store.upgrade import upgrade_store
+from .ublk.abi import MAX_NR_QUEUES, MAX_QUEUE_DEPTH
 
 
 class _Group(click.Group):
@@ -250,14 +251,14 @@ def _progress(
 @click.option("--tls-certificates", type=click.Path(), help="nbd: nbdkit --tls-certificates.")
 @click.option(
     "--queues",
-    type=click.IntRange(1, 64),
+    type=click.IntRange(1, MAX_NR_QUEUES),
     default=1,
     show_default=True,
     help="ublk: hardware queues.",
 )
 @click.option(
     "--depth",
-    type=click.IntRange(1, 4096),
+    type=click.IntRange(1, MAX_QUEUE_DEPTH),
     default=64,
     show_default=True,
     help="ublk: queue depth.",
@@ -307,13 +308,13 @@ def serve(store: str, frontend: str, **options: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def devices(cleanup: bool, as_json: bool) -> None:
     """List ublk devices and their state (live, quiesced: waiting for serve --recover, dead)."""
-    from .frontends import ublk  # noqa: PLC0415
+    from .ublk import control  # noqa: PLC0415
 
     if cleanup:
-        for dev_id in ublk.cleanup_devices():
+        for dev_id in control.cleanup_devices():
             click.echo(f"deleted ublk device {dev_id}")
         return
-    found = ublk.list_devices()
+    found = control.list_devices()
     if as_json:
         click.echo(json.dumps([asdict(d) for d in found], indent=2))
         return

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dedupblk.frontends.io_uring import (
+from dedupblk.ublk.uring import (
     SETUP_DEFER_TASKRUN,
     SETUP_SINGLE_ISSUER,
     SETUP_SQE128,

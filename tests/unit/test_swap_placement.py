@@ -12,10 +12,22 @@ from pathlib import Path
 
 import pytest
 
-from dedupblk.frontends.ublk import _mounted_with, check_placement
-from dedupblk.store import InvalidRequest, create_store, open_store
+from dedupblk.store import InvalidRequest, Store, create_store, open_store
+from dedupblk.ublk.placement import check_placement as check_paths
+from dedupblk.ublk.placement import mounted_with
 
 SIZE = 1 << 20
+
+
+def check_placement(store: Store, *, swap: bool, serving_dev_id: int | None) -> None:
+    """The placement check `serve` makes, on an opened store's files."""
+    check_paths(
+        store.path,
+        store.backend_path,
+        slots_preallocated=store.backend_preallocated,
+        swap=swap,
+        serving_dev_id=serving_dev_id,
+    )
 
 
 @pytest.fixture
@@ -122,9 +134,9 @@ def test_metadata_on_a_disk_and_sparse_slots_are_warned_about(
 
 def test_mount_options_are_matched_whole(mount: object) -> None:
     ramfs = mount("ramfs", "mode=700")  # type: ignore[operator]
-    assert _mounted_with(str(ramfs), "mode=700")
-    assert not _mounted_with(str(ramfs), "mode")
-    assert not _mounted_with(str(ramfs), "lazytime")
+    assert mounted_with(str(ramfs), "mode=700")
+    assert not mounted_with(str(ramfs), "mode")
+    assert not mounted_with(str(ramfs), "lazytime")
 
 
 def test_preallocated_metadata_on_ramfs_is_written_at_create(mount: object) -> None:

@@ -1,35 +1,24 @@
-"""`serve_block_store`: the ublk frontend over any `BlockStore`, here bench/minimal_ublk.py's RAM
-disk (the ceiling the ublk benchmark measures), without a kernel; the VM tier runs the kernel."""
+"""`serve_block_store`: the ublk frontend over any `BlockDevice`, here `dedupblk.ramdisk.RamDisk`
+(the ceiling the ublk benchmark measures), without a kernel; the VM tier runs the kernel."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
-import importlib.util
 import signal
 import threading
-from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 import pytest
 
+from dedupblk.errors import InvalidRequest
 from dedupblk.frontends import ublk
-from dedupblk.store import InvalidRequest
+from dedupblk.ramdisk import RamDisk
+from dedupblk.ublk import server as ublk_server
+from dedupblk.ublk.abi import IO_DESC, UBLK_IO_OP_DISCARD, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE
+from dedupblk.ublk.queue import read_request
+from dedupblk.ublk.server import Server
 from tests.conftest import rand_page
 from tests.unit.test_ublk_requests import BUFFER, DEPTH, P
-
-MINIMAL = Path(__file__).resolve().parents[2] / "bench" / "minimal_ublk.py"
-
-
-def _load_minimal_ublk() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("minimal_ublk", MINIMAL)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-RamDisk: Any = _load_minimal_ublk().RamDisk
 
 
 @pytest.fixture
@@ -39,33 +28,34 @@ def no_device(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("reached the device")
 
-    monkeypatch.setattr(ublk, "_harden_process", refuse)
-    monkeypatch.setattr(ublk, "Control", refuse)
+    monkeypatch.setattr(ublk, "harden_process", refuse)
+    monkeypatch.setattr(ublk_server, "Control", refuse)
 
 
 def test_a_queue_serves_the_ram_disk_like_a_store() -> None:
     disk = RamDisk(64 * P)
-    runner = ublk.QueueRunner(disk, -1, q_id=0, depth=DEPTH, buffer_bytes=BUFFER)
-    descs = (ublk.ctypes.c_char * (DEPTH * ublk.IO_DESC.size))()
+    handler = ublk.RequestHandler(disk)
+    descs = (ctypes.c_char * (DEPTH * IO_DESC.size))()
     memory = memoryview(bytearray(DEPTH * BUFFER))
     views = [memory[t * BUFFER : (t + 1) * BUFFER] for t in range(DEPTH)]
 
     def run_pass(requests: list[tuple[int, int, int]]) -> dict[int, int]:
         for tag, (op, offset, length) in enumerate(requests):
-            ublk.IO_DESC.pack_into(descs, tag * ublk.IO_DESC.size, op, length >> 9, offset >> 9, 0)
-        work = ublk._Pass()
-        runner._apply(list(range(len(requests))), descs, views, work)
-        return dict(runner._finish(work))
+            IO_DESC.pack_into(descs, tag * IO_DESC.size, op, length >> 9, offset >> 9, 0)
+        batch = [read_request(descs, tag, views[tag]) for tag in range(len(requests))]
+        return dict(handler.handle(0, [batch]))
 
     data = rand_page(1) + rand_page(2)
     views[0][: len(data)] = data
-    assert run_pass([(ublk.UBLK_IO_OP_WRITE, 3 * P, 2 * P)]) == {0: 2 * P}
-    discard_then_read = [(ublk.UBLK_IO_OP_DISCARD, 4 * P, P), (ublk.UBLK_IO_OP_READ, 3 * P, 2 * P)]
+    assert run_pass([(UBLK_IO_OP_WRITE, 3 * P, 2 * P)]) == {0: 2 * P}
+    discard_then_read = [(UBLK_IO_OP_DISCARD, 4 * P, P), (UBLK_IO_OP_READ, 3 * P, 2 * P)]
     assert run_pass(discard_then_read) == {0: 0, 1: 2 * P}
     assert bytes(views[1][: 2 * P]) == data[:P] + bytes(P)
-    past_the_end = [(ublk.UBLK_IO_OP_READ, 63 * P, 2 * P), (ublk.UBLK_IO_OP_WRITE, 63 * P, 2 * P)]
+    past_the_end = [(UBLK_IO_OP_READ, 63 * P, 2 * P), (UBLK_IO_OP_WRITE, 63 * P, 2 * P)]
     assert run_pass(past_the_end) == {0: -errno.EINVAL, 1: -errno.EINVAL}
-    assert len(disk.disk) == 64 * P
+    # Still 64 pages, and the refused write left none of its bytes in the last one.
+    assert disk.size == 64 * P
+    assert disk.read(63 * P, P) == bytes(P)
 
 
 @pytest.mark.parametrize(
@@ -113,15 +103,17 @@ def test_serve_block_store_hardens_then_serves_the_store_with_signals_blocked(
         calls.append(("harden", strict))
         assert signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
-    def run_on(server: ublk._Server, store: object) -> int:
-        calls.append(("run_on", store))
+    def run(server: Server, handler: object, *, size: int) -> int:
+        assert isinstance(handler, ublk.RequestHandler)
+        calls.append(("run_on", handler.device))
         assert (server.queues, server.depth, server.dev_id) == (2, 16, 7)
         assert not server.swap
         assert server.recover is None
+        assert size == P
         return 3
 
-    monkeypatch.setattr(ublk, "_harden_process", harden)
-    monkeypatch.setattr(ublk._Server, "run_on", run_on)
+    monkeypatch.setattr(ublk, "harden_process", harden)
+    monkeypatch.setattr(Server, "run", run)
     disk = RamDisk(P)
     assert ublk.serve_block_store(disk, queues=2, depth=16, dev_id=7) == 3
     assert calls == [("harden", False), ("run_on", disk)]

@@ -1,9 +1,9 @@
-"""The ublk queue's translation of requests into store calls, without a kernel.
+"""The ublk frontend's translation of requests into store calls, without a kernel.
 
-`QueueRunner._apply` reads each tag's descriptor and buffer exactly as the serving loop hands them
-over from the driver's shared memory; `_finish` commits and flushes once per pass.  Here the
-descriptors and buffers are plain memory written by the test; the VM tier runs the same code
-against a real /dev/ublkbN.
+`read_request` reads each tag's descriptor exactly as the serving loop does from the driver's
+shared memory, with the tag's buffer; `RequestHandler.handle` applies a pass of them and commits
+and flushes once.  Here the descriptors and buffers are plain memory written by the test; the VM
+tier runs the same code against a real /dev/ublkbN.
 """
 
 from __future__ import annotations
@@ -16,6 +16,16 @@ import pytest
 
 from dedupblk.frontends import ublk
 from dedupblk.store import Store, StoreFull, open_store
+from dedupblk.ublk.abi import (
+    IO_DESC,
+    UBLK_IO_F_FUA,
+    UBLK_IO_OP_DISCARD,
+    UBLK_IO_OP_FLUSH,
+    UBLK_IO_OP_READ,
+    UBLK_IO_OP_WRITE,
+    UBLK_IO_OP_WRITE_ZEROES,
+)
+from dedupblk.ublk.queue import read_request
 from tests.conftest import SMALL, rand_page
 
 P = 4096
@@ -24,24 +34,25 @@ BUFFER = 4 * P
 
 
 class Queue:
-    """One queue's descriptor array and tag buffers, and a runner over a store."""
+    """One queue's descriptor array and tag buffers, and a handler over a store."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.runner = ublk.QueueRunner(store, -1, q_id=0, depth=DEPTH, buffer_bytes=BUFFER)
-        self.descs = (ctypes.c_char * (DEPTH * ublk.IO_DESC.size))()
+        self.handler = ublk.RequestHandler(store)
+        self.descs = (ctypes.c_char * (DEPTH * IO_DESC.size))()
         self.memory = bytearray(DEPTH * BUFFER)
         whole = memoryview(self.memory)
         self.views = [whole[t * BUFFER : (t + 1) * BUFFER] for t in range(DEPTH)]
 
     def request(self, tag: int, op: int, offset: int, length: int, data: bytes = b"") -> None:
-        ublk.IO_DESC.pack_into(self.descs, tag * ublk.IO_DESC.size, op, length >> 9, offset >> 9, 0)
+        IO_DESC.pack_into(self.descs, tag * IO_DESC.size, op, length >> 9, offset >> 9, 0)
         self.views[tag][: len(data)] = data
 
-    def run_pass(self, tags: list[int]) -> dict[int, int]:
-        work = ublk._Pass()
-        self.runner._apply(tags, self.descs, self.views, work)
-        return dict(self.runner._finish(work))
+    def run_pass(self, *batches: list[int]) -> dict[int, int]:
+        """Answer one pass of these batches of tags (requests that came while one was applied
+        form the next)."""
+        requests = [[read_request(self.descs, tag, self.views[tag]) for tag in b] for b in batches]
+        return dict(self.handler.handle(0, requests))
 
     def buffer(self, tag: int, length: int) -> bytes:
         return bytes(self.views[tag][:length])
@@ -55,14 +66,14 @@ def queue(store_dir: str) -> Iterator[Queue]:
 
 def test_writes_are_committed_before_the_pass_answers(queue: Queue, store_dir: str) -> None:
     a, b = rand_page(1), rand_page(2)
-    queue.request(0, ublk.UBLK_IO_OP_WRITE, 0, 2 * P, a + b)
-    queue.request(1, ublk.UBLK_IO_OP_WRITE, 5 * P, P, a)
+    queue.request(0, UBLK_IO_OP_WRITE, 0, 2 * P, a + b)
+    queue.request(1, UBLK_IO_OP_WRITE, 5 * P, P, a)
     assert queue.run_pass([0, 1]) == {0: 2 * P, 1: P}
     # Committed, not just pending: a kill now loses nothing the kernel saw complete.
     assert not queue.store._pending
     stats = queue.store.statistics()
     assert (stats.mapped_pages, stats.stored_pages) == (3, 2)
-    queue.request(2, ublk.UBLK_IO_OP_READ, 0, 3 * P)
+    queue.request(2, UBLK_IO_OP_READ, 0, 3 * P)
     assert queue.run_pass([2]) == {2: 3 * P}
     assert queue.buffer(2, 3 * P) == a + b + bytes(P)
 
@@ -76,32 +87,32 @@ def test_flush_and_fua_flush_once_per_pass(queue: Queue, monkeypatch: pytest.Mon
         real_flush()
 
     monkeypatch.setattr(queue.store, "flush", counted_flush)
-    queue.request(0, ublk.UBLK_IO_OP_WRITE | ublk.UBLK_IO_F_FUA, 0, P, rand_page(3))
-    queue.request(1, ublk.UBLK_IO_OP_FLUSH, 0, 0)
-    queue.request(2, ublk.UBLK_IO_OP_READ, 0, P)
+    queue.request(0, UBLK_IO_OP_WRITE | UBLK_IO_F_FUA, 0, P, rand_page(3))
+    queue.request(1, UBLK_IO_OP_FLUSH, 0, 0)
+    queue.request(2, UBLK_IO_OP_READ, 0, P)
     assert queue.run_pass([0, 1, 2]) == {0: P, 1: 0, 2: P}
     assert flushes == [1]
-    queue.request(3, ublk.UBLK_IO_OP_WRITE, P, P, rand_page(4))
+    queue.request(3, UBLK_IO_OP_WRITE, P, P, rand_page(4))
     queue.run_pass([3])
     assert flushes == [1]  # a plain write is committed, not flushed
 
 
 def test_discard_and_write_zeroes_read_back_as_zeros(queue: Queue) -> None:
-    queue.request(0, ublk.UBLK_IO_OP_WRITE, 0, 4 * P, rand_page(5) * 4)
+    queue.request(0, UBLK_IO_OP_WRITE, 0, 4 * P, rand_page(5) * 4)
     queue.run_pass([0])
-    queue.request(1, ublk.UBLK_IO_OP_DISCARD, 0, 2 * P)
-    queue.request(2, ublk.UBLK_IO_OP_WRITE_ZEROES, 2 * P, P)
+    queue.request(1, UBLK_IO_OP_DISCARD, 0, 2 * P)
+    queue.request(2, UBLK_IO_OP_WRITE_ZEROES, 2 * P, P)
     assert queue.run_pass([1, 2]) == {1: 0, 2: 0}
-    queue.request(3, ublk.UBLK_IO_OP_READ, 0, 4 * P)
+    queue.request(3, UBLK_IO_OP_READ, 0, 4 * P)
     queue.run_pass([3])
     assert queue.buffer(3, 4 * P) == bytes(3 * P) + rand_page(5)
 
 
 def test_a_bad_request_fails_alone(queue: Queue) -> None:
-    queue.request(0, ublk.UBLK_IO_OP_WRITE, SMALL - P, 2 * P, rand_page(6) * 2)  # past the end
+    queue.request(0, UBLK_IO_OP_WRITE, SMALL - P, 2 * P, rand_page(6) * 2)  # past the end
     queue.request(1, 0xFE, 0, P)  # an operation this server does not know
-    queue.request(2, ublk.UBLK_IO_OP_READ, 0, BUFFER + P)  # larger than the tag's buffer
-    queue.request(3, ublk.UBLK_IO_OP_WRITE, 0, P, rand_page(7))
+    queue.request(2, UBLK_IO_OP_READ, 0, BUFFER + P)  # larger than the tag's buffer
+    queue.request(3, UBLK_IO_OP_WRITE, 0, P, rand_page(7))
     results = queue.run_pass([0, 1, 2, 3])
     assert results == {0: -errno.EINVAL, 1: -errno.EOPNOTSUPP, 2: -errno.EINVAL, 3: P}
     assert queue.store.read(0, P) == rand_page(7)
@@ -114,7 +125,28 @@ def test_a_failed_commit_fails_exactly_the_requests_it_covers(
         raise StoreFull("no free slot")
 
     monkeypatch.setattr(queue.store, "commit", full)
-    queue.request(0, ublk.UBLK_IO_OP_WRITE, 0, P, rand_page(8))
-    queue.request(1, ublk.UBLK_IO_OP_READ, P, P)
-    queue.request(2, ublk.UBLK_IO_OP_DISCARD, 2 * P, P)
+    queue.request(0, UBLK_IO_OP_WRITE, 0, P, rand_page(8))
+    queue.request(1, UBLK_IO_OP_READ, P, P)
+    queue.request(2, UBLK_IO_OP_DISCARD, 2 * P, P)
     assert queue.run_pass([0, 1, 2]) == {0: -errno.ENOSPC, 1: P, 2: -errno.ENOSPC}
+
+
+def test_a_pass_of_several_batches_commits_once_and_answers_in_order(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commits: list[int] = []
+    real_commit = queue.store.commit
+
+    def counted_commit() -> None:
+        commits.append(1)
+        real_commit()
+
+    monkeypatch.setattr(queue.store, "commit", counted_commit)
+    a, b = rand_page(9), rand_page(10)
+    queue.request(3, UBLK_IO_OP_WRITE, 0, P, a)
+    queue.request(1, UBLK_IO_OP_WRITE, P, P, b)
+    queue.request(2, UBLK_IO_OP_READ, 0, 2 * P)  # arrives while the writes are applied
+    batches = [[read_request(queue.descs, t, queue.views[t]) for t in ts] for ts in ([3, 1], [2])]
+    assert queue.handler.handle(0, batches) == [(3, P), (1, P), (2, 2 * P)]
+    assert commits == [1]
+    assert queue.buffer(2, 2 * P) == a + b

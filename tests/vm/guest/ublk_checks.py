@@ -14,7 +14,7 @@ Runs inside the VM with the project's venv python (``python tests/vm/guest/ublk_
   that only the hog is short of memory.
 - ``swap-file-slots``: the whole-machine hog with the slots in a file created ``--preallocate``
   on /scratch remounted ``lazytime`` instead (metadata on ramfs as before): the placement before
-  the block device, kept to compare (see "Swap placement" in dedupblk/frontends/ublk.py).
+  the block device, kept to compare (see "Swap placement" in docs/swap.md).
 - ``swap-disk-meta``: the whole-machine hog with the whole store (metadata too) preallocated on
   /scratch remounted ``lazytime``: the placement before ramfs, kept to compare.
 - ``swap-unsafe``: the whole-machine hog with a plain store (sparse files, holes punched) on
@@ -49,7 +49,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dedupblk.frontends.ublk import DeviceInfo, list_devices, set_io_flusher
+from dedupblk.ublk.control import Device, list_devices
+from dedupblk.ublk.hardening import set_io_flusher
 
 PAGE = 4096
 WORK = Path("/tmp")  # the guest's own tmpfs (cwd is the read-only repository)
@@ -97,7 +98,7 @@ def stats(store: str) -> dict[str, float]:
     return result
 
 
-def devices() -> list[DeviceInfo]:
+def devices() -> list[Device]:
     return list_devices()
 
 

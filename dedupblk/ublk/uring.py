@@ -1,9 +1,9 @@
-"""A small typed io_uring over ctypes: just what the ublk frontend needs.
+"""A small typed io_uring over ctypes: just what the ublk server needs.
 
 No PyPI binding can issue ``IORING_OP_URING_CMD`` with a 128-byte SQE and a command payload of its
 own, so this module talks to the kernel directly: ``io_uring_setup`` (425) and ``io_uring_enter``
-(426) through ``ctypes.CDLL(None, use_errno=True)``, whose calls release the GIL, so a thread
-waiting in ``io_uring_enter`` does not stop the others.
+(426) through `dedupblk.libc`, whose calls release the GIL, so a thread waiting in
+``io_uring_enter`` does not stop the others.
 
 Layouts (little-endian, x86-64; offsets in bytes; ``struct`` formats beside each)
 -----------------------------------------------------------------------------------
@@ -55,6 +55,8 @@ import struct
 from types import TracebackType
 from typing import Final, NamedTuple, Self
 
+from ..libc import function, libc, os_error
+
 __all__ = [
     "CQE",
     "SETUP_COOP_TASKRUN",
@@ -102,22 +104,14 @@ assert CQE.size == 16
 _U32_MASK: Final = 0xFFFF_FFFF
 _MAP_FAILED: Final = ctypes.c_void_p(-1).value
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
+# syscall(2) is variadic: its arguments are passed as the ctypes values the callers build.
+_syscall = libc.syscall
 _syscall.restype = ctypes.c_long
-_mmap = _libc.mmap
-_mmap.restype = ctypes.c_void_p
-_mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_munmap = _libc.munmap
-_munmap.restype = ctypes.c_int
-_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_mmap = function(
+    "mmap", ctypes.c_void_p,
+    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+)  # fmt: skip
+_munmap = function("munmap", ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
 
 
 class SqRingOffsets(ctypes.Structure):
@@ -188,11 +182,6 @@ class SubmissionQueueFullError(RuntimeError):
     """Every SQ slot holds an SQE not yet submitted: call `IoUring.submit` first."""
 
 
-def _raise_errno(what: str) -> None:
-    code = ctypes.get_errno()
-    raise OSError(code, f"{what}: {os.strerror(code)}")
-
-
 class Mapping:
     """A region mapped with mmap(2) at a fixed address that the kernel can be told about.
 
@@ -230,7 +219,7 @@ class Mapping:
             raise ValueError(f"mapping size must be positive, not {size}")
         address = _mmap(None, size, prot, flags, fd, offset)
         if address is None or address == _MAP_FAILED:
-            _raise_errno("mmap")
+            raise os_error("mmap")
         assert address is not None
         return cls(address, size, writable=bool(prot & mmap.PROT_WRITE))
 
@@ -258,7 +247,7 @@ class Mapping:
             return
         self._closed = True
         if _munmap(self._address, self._size) != 0:
-            _raise_errno("munmap")
+            raise os_error("munmap")
 
     def __enter__(self) -> Self:
         return self
@@ -293,7 +282,7 @@ class IoUring:
             ctypes.c_long(SYS_IO_URING_SETUP), ctypes.c_long(entries), ctypes.byref(params)
         )
         if fd < 0:
-            _raise_errno("io_uring_setup")
+            raise os_error("io_uring_setup")
         self.fd: int = fd
         self.flags = flags
         self.features: int = params.features
@@ -493,9 +482,9 @@ class IoUring:
             submitted += (self._sq_head.value - head) & _U32_MASK
             if ret >= 0:
                 return submitted
-            code = ctypes.get_errno()
-            if code != errno.EINTR:
-                raise OSError(code, f"io_uring_enter: {os.strerror(code)}")
+            error = os_error("io_uring_enter")
+            if error.errno != errno.EINTR:
+                raise error
             if (self._sqe_tail - self._sq_head.value) & _U32_MASK == 0:
                 # Only the wait was interrupted: let the caller look at its completions.
                 return submitted
