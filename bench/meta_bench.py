@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dedupblk.store import create_store, open_store  # noqa: E402
+from dedupblk.store import create_store, open_store
 
 P = 4096
 

@@ -43,7 +43,7 @@ IOV_MAX = 1024
 # Most pages in one O_DIRECT write to a block device: Linux's BIO_MAX_VECS.  Up to that, a
 # synchronous write is one bio on the kernel stack (6.12 block/fops.c, __blkdev_direct_IO_simple);
 # past it, the bios after the first come from fs_bio_set, the pool swap-out bios come from too
-# (see "Swap placement" in dedupblk/frontends/ublk.py).
+# (docs/swap.md).
 BLOCK_DIO_MAX_PAGES = 256
 ZERO_CHUNK = 1 << 20  # bytes of zeros per write when preallocating
 log = logging.getLogger(__name__)

@@ -8,23 +8,15 @@ Paths and flags come in plain: this module knows nothing of the store.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import stat
-import struct
 import subprocess
-from typing import Final
 
 from ..errors import InvalidRequest, UblkError
-from ..libc import function, os_error
+from ..fsinfo import RAMFS_MAGIC, TMPFS_MAGIC, filesystem_type
 
 log = logging.getLogger(__name__)
-
-TMPFS_MAGIC: Final = 0x01021994  # linux/magic.h
-RAMFS_MAGIC: Final = 0x858458F6
-
-_statfs = function("statfs", ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 
 
 def check_placement(
@@ -92,14 +84,6 @@ def _warn_swap_placement(metadata: str, slots: str, *, slots_preallocated: bool)
         if not mounted_with(slots, "lazytime"):
             log.warning("%s is not mounted lazytime: a slot write's timestamp update goes "
                         "through its journal", slots)  # fmt: skip
-
-
-def filesystem_type(path: str) -> int:
-    """statfs(2) f_type of the filesystem holding ``path``."""
-    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86-64
-    if _statfs(os.fsencode(path), buf) != 0:
-        raise os_error(f"statfs {path}")
-    return int(struct.unpack_from("<q", buf, 0)[0])  # f_type: the first __fsword_t
 
 
 def _disk_names(major: int, minor: int) -> set[str]:

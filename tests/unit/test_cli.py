@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -9,22 +10,11 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from dedupblk.cli import main
-from dedupblk.store import open_store
+from dedupblk.store import Statistics, open_store
 from tests.conftest import rand_page
 
 P = 4096
-STATS_KEYS = {
-    "size_bytes",
-    "page_size",
-    "mapped_pages",
-    "same_filled_pages",
-    "stored_pages",
-    "index_entries",
-    "dedup_ratio",
-    "saved_bytes",
-    "data_bytes",
-    "metadata_bytes",
-}
+STATS_KEYS = {field.name for field in dataclasses.fields(Statistics)}
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -45,9 +35,10 @@ def test_create_info_stats_check(tmp_path: Path) -> None:
     stats = json.loads(out)
     assert set(stats) == STATS_KEYS
     assert (stats["mapped_pages"], stats["stored_pages"], stats["same_filled_pages"]) == (3, 1, 1)
-    assert stats["dedup_ratio"] == 3.0
+    assert stats["dedup_ratio"] == 4.0  # four pages of data, one slot (docs: stats.py)
+    assert stats["saved_bytes"] == 3 * P
     code, out, _ = run("stats", store)
-    assert code == 0 and "dedup_ratio" in out and "3.00" in out
+    assert code == 0 and "dedup_ratio" in out and "4.00" in out
     code, out, _ = run("check", store)
     assert code == 0 and out.startswith("clean")
     code, out, _ = run("check", store, "--json")
@@ -67,7 +58,7 @@ def test_check_exit_codes_and_repair(tmp_path: Path) -> None:
     code, out, _ = run("check", store)
     assert code == 1 and "fingerprints:" in out
     code, out, _ = run("check", store, "--repair")
-    assert code == 0 and "repaired" in out
+    assert code == 3 and "repaired" in out and "data lost: bytes 0-4095" in out
     code, out, _ = run("check", store)
     assert code == 0
 
