@@ -13,40 +13,12 @@ pages in use inside it. Not a test: tests/unit/test_meta_size.py asserts the bou
 from __future__ import annotations
 
 import argparse
-import os
-import random
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dedupblk.store import create_store, open_store
-
-P = 4096
-
-
-def passes(pages: int, duplicate_percent: int, overwrites: int, seed: int = 1):
-    """Yield (pass number, store statistics, metadata bytes) after the fill and each overwrite."""
-    rng = random.Random(seed)
-    with tempfile.TemporaryDirectory(prefix="meta-bench-", dir="/var/tmp") as tmp:
-        path = os.path.join(tmp, "store")
-        create_store(path, pages * P)
-        with open_store(path) as store:
-            written: list[bytes] = []
-            for n in range(overwrites + 1):
-                order = list(range(pages))
-                rng.shuffle(order)
-                for page in order:
-                    if written and rng.randrange(100) < duplicate_percent:
-                        content = rng.choice(written)
-                    else:
-                        content = rng.randbytes(P)
-                        if len(written) < 4096:
-                            written.append(content)
-                    store.write(page * P, content)
-                store.flush()
-                yield n, store.statistics(), store._meta.used_bytes()
+from testbed.meta_size import passes
 
 
 def main(argv: list[str]) -> int:

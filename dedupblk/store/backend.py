@@ -220,28 +220,44 @@ class Backend:
             j = i + 1
             while j < len(ordered) and ordered[j][0] == first + (j - i) and j - i < most:
                 j += 1
-            buffers = [data for _, data in ordered[i:j]]
+            self._write_run([data for _, data in ordered[i:j]], first)
+            i = j
+
+    def _write_run(self, pages: list[bytes], first: int) -> None:
+        """Write consecutive slots; a short write (a filesystem filling up) is continued, so that
+        the call that cannot go on reports why (ENOSPC: `StoreFull`)."""
+        done = 0
+        total = PAGE_SIZE * len(pages)
+        while done < total:
+            rest: list[bytes | memoryview]
+            if done:
+                skip, part = divmod(done, PAGE_SIZE)
+                rest = [memoryview(pages[skip])[part:], *pages[skip + 1 :]]
+            else:
+                rest = list(pages)
             try:
                 if self._bounce_view is not None:
-                    done = self._write_direct(buffers, first)
+                    wrote = self._write_direct(rest, first * PAGE_SIZE + done)
                 else:
-                    done = os.pwritev(self.fd, buffers, first * PAGE_SIZE)
+                    wrote = os.pwritev(self.fd, rest, first * PAGE_SIZE + done)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise StoreFull(f"backend {self.path} is full: {exc.strerror}") from exc
                 raise BackendError(f"writing slot {first}: {exc.strerror}") from exc
-            if done != PAGE_SIZE * (j - i):
-                raise BackendError(f"short write at slot {first}")
-            i = j
+            if wrote <= 0:
+                raise BackendError(f"writing slot {first}: the backend took no more bytes")
+            done += wrote
 
-    def _write_direct(self, pages: list[bytes], first: int) -> int:
+    def _write_direct(self, pieces: list[bytes | memoryview], offset: int) -> int:
         """One O_DIRECT write of consecutive slots (at most IOV_MAX) through the bounce buffer."""
         view = self._bounce_view
         assert view is not None
         with self._bounce_lock:
-            for k, page in enumerate(pages):
-                view[k * PAGE_SIZE : (k + 1) * PAGE_SIZE] = page
-            return os.pwrite(self.fd, view[: len(pages) * PAGE_SIZE], first * PAGE_SIZE)
+            at = 0
+            for piece in pieces:
+                view[at : at + len(piece)] = piece
+                at += len(piece)
+            return os.pwrite(self.fd, view[:at], offset)
 
     def discard(self, slots: Iterable[int]) -> None:
         """Give the space of dead slots back: punch holes in a file, BLKDISCARD on a device.

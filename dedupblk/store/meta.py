@@ -45,7 +45,7 @@ from .format import (
     State,
 )
 
-INITIAL_MAP_SIZE = 8 << 20  # grows by doubling; every byte of it is allocated on disk
+INITIAL_MAP_SIZE = 1 << 20  # grows by doubling; every byte of it is allocated on disk
 MAX_DBS = 8
 log = logging.getLogger(__name__)
 # LMDB forbids opening one environment twice in a process, so statistics taken while this process
@@ -83,6 +83,29 @@ def read_format(env: Any, info: Any, where: str) -> int:
     return version_number
 
 
+def _check_size(env: Any, store_dir: str, data_mdb: str) -> None:
+    """Refuse a ``data.mdb`` shorter than the pages LMDB says are in use: reading a page past its
+    end through the map would kill the process with SIGBUS."""
+    info = env.info()
+    used = (info["last_pgno"] + 1) * env.stat()["psize"]
+    size = os.path.getsize(data_mdb)
+    if size < used:
+        raise FormatError(f"{store_dir}: the metadata is truncated ({size} bytes of {used} in use)")
+
+
+def _refuse_truncated(store_dir: str, path: str, data_mdb: str) -> None:
+    """The size check, before a writer opens the file: opening it writable would first extend
+    the file with zeros to the map size, and the damage would no longer show."""
+    try:
+        probe = lmdb.open(path, readonly=True, lock=False, subdir=True, max_dbs=MAX_DBS)
+    except lmdb.Error as exc:
+        raise FormatError(f"{store_dir}: cannot open its metadata: {exc}") from exc
+    try:
+        _check_size(probe, store_dir, data_mdb)
+    finally:
+        probe.close()
+
+
 class Meta:
     """One store's LMDB environment and its sub-databases (format version 2)."""
 
@@ -109,6 +132,8 @@ class Meta:
             map_size = (os.path.getsize(data_mdb) if os.path.exists(data_mdb) else 0) or (
                 INITIAL_MAP_SIZE
             )
+        if not readonly and not create:
+            _refuse_truncated(store_dir, path, data_mdb)
         old_umask = os.umask(0o077)  # LMDB makes its files 0644 otherwise (format: 0600)
         try:
             self.env = lmdb.open(
@@ -179,15 +204,7 @@ class Meta:
         del readonly
 
     def _check_size(self) -> None:
-        """Refuse a ``data.mdb`` shorter than the pages LMDB says are in use: reading a page
-        past its end through the map would kill the process with SIGBUS."""
-        info = self.env.info()
-        used = (info["last_pgno"] + 1) * self.env.stat()["psize"]
-        size = os.path.getsize(self.data_mdb)
-        if size < used:
-            raise FormatError(
-                f"{self.store_dir}: the metadata is truncated ({size} bytes of {used} in use)"
-            )
+        _check_size(self.env, self.store_dir, self.data_mdb)
 
     def _read_prealloc(self) -> int:
         """``info/prealloc``: bytes of data.mdb written at create, 0 when not preallocated."""

@@ -457,9 +457,16 @@ class Store:
 
     def commit(self) -> None:
         """Apply the pending batch in one LMDB transaction: from then on it survives a kill of
-        this process. See the module docstring for what a failed commit leaves."""
+        this process. See the module docstring for what a failed commit leaves; its error is
+        the caller's, who answers for every pending page, so no later flush repeats it."""
         with self._lock:
-            self._commit_locked()
+            if self._broken is not None:
+                self._check_writable()
+            try:
+                self._commit_locked()
+            except (StoreFull, BackendError):
+                self._write_error = None
+                raise
 
     def flush(self) -> None:
         """Make every write accepted so far durable: commit, then make that commit durable. On

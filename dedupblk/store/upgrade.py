@@ -10,6 +10,7 @@ by a killed upgrade is removed by the next one (it is never opened as a store).
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import shutil
 import struct
@@ -55,6 +56,7 @@ from .format import (
 from .lock import StoreLock
 from .meta import Meta, read_format
 
+log = logging.getLogger(__name__)
 AT_FDCWD = -100
 RENAME_EXCHANGE = 2
 _renameat2 = function(
@@ -103,7 +105,9 @@ def upgrade_store(
             raise FormatError(f"{store_dir}: the version-1 metadata is damaged ({exc})") from exc
         finally:
             old.close()
+        log.info("%s: version-2 metadata complete; exchanging it for version 1", store_dir)
         _exchange(store_dir)
+        log.info("%s: now version 2; removing the version-1 metadata", store_dir)
         shutil.rmtree(os.path.join(store_dir, META_NEW_DIR))
         return result
     finally:
@@ -144,6 +148,7 @@ def _build(
         backend_path,
     )  # fmt: skip
     prealloc = PREALLOC.unpack(raw_prealloc)[0] if raw_prealloc is not None else 0
+    log.info("%s: building version-2 metadata in %s", store_dir, META_NEW_DIR)
     new = Meta(store_dir, readonly=False, create=True, subdir=META_NEW_DIR, map_size=prealloc)
     try:
         builder = _Builder(new, config)

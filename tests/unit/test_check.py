@@ -166,7 +166,9 @@ def test_repair_of_damaged_data_names_the_range_and_exits_with_data_lost(tmp_pat
     runner = CliRunner()
     checked = runner.invoke(main, ["check", path])
     assert checked.exit_code == 1
-    assert "bytes 12288-16383 (pages 3-3): the data does not match its fingerprint" in checked.stdout
+    assert (
+        "bytes 12288-16383 (pages 3-3): the data does not match its fingerprint" in checked.stdout
+    )
     assert "slot" not in checked.stdout.split("index")[0]  # damage is named by device range
     repaired = runner.invoke(main, ["check", path, "--repair"])
     assert repaired.exit_code == 3, repaired.output

@@ -1,0 +1,285 @@
+"""Durable and volatile stores (the format's "Write order and durability"), and the faults a
+production device must survive: a failed sync, a full filesystem, a damaged or truncated
+metadata file, a removed lock file, a reader racing the writer's map growth."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dedupblk.errors import BackendError, StoreFull, StoreLocked, SyncFailed
+from dedupblk.store import backend as backend_module
+from dedupblk.store import create_store, open_store, read_statistics
+from dedupblk.store import meta as meta_module
+from dedupblk.store.meta import Meta
+from tests.conftest import REPO, SMALL, _need_root_and, allocated_bytes, rand_page
+
+P = 4096
+SHM = Path("/dev/shm")
+
+
+@pytest.fixture
+def shm_dir() -> Iterator[Path]:
+    """A directory on tmpfs (a volatile store's place)."""
+    if not SHM.is_dir():
+        pytest.skip("no /dev/shm")
+    import tempfile  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(dir=SHM) as tmp:
+        yield Path(tmp)
+
+
+def test_a_store_on_disk_commits_durably_and_one_in_ram_does_not(
+    tmp_path: Path, shm_dir: Path
+) -> None:
+    disk, ram = str(tmp_path / "disk"), str(shm_dir / "ram")
+    create_store(disk, SMALL)
+    create_store(ram, SMALL)
+    with open_store(disk) as store:
+        assert store.volatile is None
+        flags = store._meta.env.flags()
+        assert (flags["sync"], flags["metasync"], flags["map_async"]) == (True, False, False)
+    with open_store(ram) as store:
+        assert store.volatile == f"{ram}/meta is on tmpfs"
+        assert store._meta.env.flags()["sync"] is False
+
+
+def test_a_volatile_store_gives_a_freed_slot_back_at_its_commit(shm_dir: Path) -> None:
+    path = str(shm_dir / "s")
+    create_store(path, SMALL)
+    slots = os.path.join(path, "slots")
+    with open_store(path) as store:
+        store.write(0, rand_page(1))
+        store.commit()
+        full = allocated_bytes(slots)
+        free = store._counts.total
+        store.write(0, rand_page(2))  # the first slot dies in this commit...
+        store.commit()
+        assert store._counts.total == free  # ...and is free again at once, no flush needed
+        assert allocated_bytes(slots) == full  # punched: one page taken, one given back
+        assert not store._counts.unreleased
+
+
+def test_a_durable_store_releases_a_freed_slot_one_commit_later(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    create_store(path, SMALL)
+    with open_store(path) as store:
+        store.write(0, rand_page(1))
+        store.commit()
+        free = store._counts.total
+        store.write(0, rand_page(2))
+        store.commit()  # commit N frees the slot: a power cut may still go back to N - 1
+        (dead,) = store._counts.unreleased
+        assert store._counts.total == free - 1
+        store.write(P, rand_page(3))
+        store.commit()  # commit N + 1 synced: N - 1 is no longer a state a restart can find
+        assert dead not in store._counts.unreleased
+        store.write(0, rand_page(4))
+        store.commit()
+        assert store._counts.unreleased
+        store.flush()  # a flush makes the last commit durable: everything is released
+        assert not store._counts.unreleased
+
+
+def test_slot_data_is_synced_before_the_commit_that_maps_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = str(tmp_path / "s")
+    create_store(path, SMALL)
+    events: list[str] = []
+    with open_store(path) as store:
+        backend, meta = store._backend, store._meta
+        real_write, real_sync, real_commit = backend.write_slots, backend.sync, Meta.write
+        monkeypatch.setattr(
+            backend, "write_slots", lambda items: (events.append("data"), real_write(items))
+        )
+        monkeypatch.setattr(backend, "sync", lambda: (events.append("sync"), real_sync()))
+
+        def write(self: Meta, body: object) -> object:
+            result = real_commit(self, body)  # type: ignore[arg-type]
+            events.append("commit")
+            return result
+
+        monkeypatch.setattr(Meta, "write", write)
+        store.write(0, rand_page(1))
+        store.commit()
+        assert meta is store._meta
+    assert events[:3] == ["data", "sync", "commit"]
+
+
+def test_a_failed_sync_fails_every_later_write_until_reopened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = str(tmp_path / "s")
+    create_store(path, SMALL)
+    with open_store(path) as store:
+        store.write(0, rand_page(1))
+        store.flush()
+        real = os.fdatasync
+
+        def failing(fd: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(backend_module.os, "fdatasync", failing)
+        store.write(P, rand_page(2))
+        with pytest.raises(SyncFailed):
+            store.commit()
+        monkeypatch.setattr(backend_module.os, "fdatasync", real)  # the disk "recovers"...
+        for attempt in (lambda: store.write(2 * P, rand_page(3)), store.flush, store.commit):
+            with pytest.raises(BackendError, match="reopen the store"):
+                attempt()
+        assert store.read(0, P) == rand_page(1)
+    with open_store(path) as store:  # ...and a reopened store works, with what was durable
+        assert store.read(0, P) == rand_page(1)
+        store.write(2 * P, rand_page(3))
+        store.flush()
+        assert store.check().problems == []
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """An ext4 filesystem of 6 MiB on a loop device, mounted (root only)."""
+    _need_root_and("mount", "a full filesystem")
+    image, mount = tmp_path / "fs.img", tmp_path / "mnt"
+    with image.open("wb") as f:
+        f.truncate(6 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)
+    mount.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_slot_filesystem_gives_enospc_and_frees_space_by_trim(
+    tmp_path: Path, small_filesystem: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = str(tmp_path / "s")
+    create_store(path, 16 << 20, backend=str(small_filesystem / "slots"))  # sparse, 20 MiB
+    written = 0
+    with caplog.at_level(logging.ERROR, logger="dedupblk.store.store"), open_store(path) as store:
+        with pytest.raises(StoreFull):  # noqa: PT012 -- until the filesystem is full
+            for page in range(4096):
+                store.write(page * P, rand_page(page))
+                if page % 64 == 63:
+                    store.commit()
+                    written = page + 1
+        assert written > 0
+        assert not store._pending  # no failed page is kept in memory
+        store.flush()  # that commit's caller was told: nothing more to report
+        for page in range(written, written + 64):
+            assert store.read(page * P, P) == bytes(P)  # back to what was committed
+        # Pages acknowledged, then dropped by the background commit: the next flush says so.
+        store.write(written * P, b"".join(rand_page(30000 + n) for n in range(64)))
+        deadline = time.monotonic() + 30
+        while store._pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(StoreFull, match="earlier write failed"):
+            store.flush()
+        store.flush()  # once
+        for attempt in range(50):  # more failures: logged at most every few seconds
+            store.write(written * P, b"".join(rand_page(20000 + 64 * attempt + n)
+                                              for n in range(64)))  # fmt: skip
+            with pytest.raises(StoreFull):
+                store.commit()
+        store.trim(0, written * P)  # a trim needs no new data: it commits and frees space
+        store.flush()
+        store.write(0, b"".join(rand_page(10000 + n) for n in range(64)))
+        store.flush()
+        assert store.read(P, P) == rand_page(10001)
+        assert store.check().problems == []
+    assert len([r for r in caplog.records if "commit failed" in r.message]) <= 2
+
+
+def test_a_read_only_store_accepts_flush(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    create_store(path, SMALL)
+    with open_store(path, readonly=True) as store:
+        store.flush()
+
+
+def test_the_lock_holds_when_its_file_is_removed(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    create_store(path, SMALL)
+    with open_store(path):
+        os.unlink(os.path.join(path, "lock"))
+        with pytest.raises(StoreLocked, match="in use"):
+            open_store(path)
+        with pytest.raises(StoreLocked):
+            open_store(path, readonly=True)
+
+
+def test_store_files_are_private(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    old = os.umask(0o022)
+    try:
+        create_store(str(path), SMALL)
+        with open_store(path):
+            pass
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o700
+    for name in ("meta", "meta/data.mdb", "meta/lock.mdb", "slots", "lock"):
+        mode = (path / name).stat().st_mode & 0o777
+        assert mode & 0o077 == 0, (name, oct(mode))
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    done = subprocess.run([sys.executable, "-m", "dedupblk.cli", *args], cwd=REPO,
+                          capture_output=True, check=False)  # fmt: skip
+    return done.returncode, done.stderr.decode(errors="replace")
+
+
+def test_a_truncated_metadata_file_is_one_line_for_every_command(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    create_store(path, SMALL)
+    with open_store(path) as store:
+        for page in range(200):
+            store.write(page * P, rand_page(page))
+        store.flush()
+    data = Path(path, "meta", "data.mdb")
+    used = Meta(path, readonly=True)
+    in_use = used.used_bytes()
+    used.close()
+    os.truncate(data, in_use // 2)
+    for command in (["info", path], ["stats", path], ["check", path], ["check", path, "--repair"],
+                    ["dump", path, "0", "4096"]):  # fmt: skip
+        code, err = _cli(*command)
+        assert code > 0, (command, code, err)  # < 0 would be a signal (SIGBUS)
+        assert err.count("\n") == 1 and "truncated" in err, (command, err)
+
+
+def test_a_reader_follows_a_writer_that_grows_the_map(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader's environment is mapped at the size the file had when it opened; another
+    process's writer then grows the map, and LMDB refuses the reader's next transaction
+    (MDB_MAP_RESIZED) until it maps the new size: the reader does so and goes on."""
+    path = str(tmp_path / "s")
+    monkeypatch.setattr(meta_module, "INITIAL_MAP_SIZE", 64 << 10)  # a map the writer outgrows
+    create_store(path, 64 << 20)
+    data = Path(path, "meta", "data.mdb")
+    reader = Meta(path, readonly=True)
+    first = data.stat().st_size
+    subprocess.run([sys.executable, "-c", f"""
+import random
+from dedupblk.store import open_store
+with open_store({path!r}) as store:
+    for n in range(12000):
+        store.write(n * 4096, random.Random(n).randbytes(4096))
+"""], cwd=REPO, check=True)  # fmt: skip
+    assert data.stat().st_size > first  # the map did grow
+    try:
+        assert reader.read_header()[1].mapped_pages == 12000
+    finally:
+        reader.close()
+    assert read_statistics(path)[1].mapped_pages == 12000
