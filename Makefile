@@ -6,7 +6,8 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd qemu-utils fio \
-	qemu-system-x86 busybox-static e2fsprogs util-linux xz-utils cpio kmod python3-venv python3-dev
+	qemu-system-x86 busybox-static e2fsprogs util-linux fdisk xz-utils cpio kmod python3-venv \
+	python3-dev
 STAMP := .venv/.installed
 
 .PHONY: setup apt venv demo test lint unit nbd vm bench clean

@@ -89,6 +89,11 @@ def main(verbose: bool) -> None:
     is_flag=True,
     help="Take over a backend that holds another store's slots (they are lost).",
 )
+@click.option(
+    "--overwrite-backend",
+    is_flag=True,
+    help="Take over a backend that holds anything else (a filesystem, a file's data: lost).",
+)
 def create(
     store: str,
     size: int,
@@ -99,6 +104,7 @@ def create(
     preallocate: bool,
     meta_size: int | None,
     reuse_backend: bool,
+    overwrite_backend: bool,
 ) -> None:
     """Create an empty store of SIZE bytes in the new or empty directory STORE.
 
@@ -115,6 +121,7 @@ def create(
         preallocate=preallocate,
         meta_size=meta_size,
         reuse_backend=reuse_backend,
+        overwrite_backend=overwrite_backend,
     )
     click.echo(f"created {store}: {size} bytes" + (", preallocated" if preallocate else ""))
 

@@ -65,6 +65,9 @@ def probe_signatures(path: str) -> str | None:
         return f"a {found['PTTYPE']} partition table"
     kind = found.get("TYPE", "unknown")
     usage = found.get("USAGE", "")
+    named = {"swap": "swap space", "LVM2_member": "an LVM physical volume"}
+    if kind in named:
+        return named[kind]
     if usage == "filesystem":
         return f"an {kind} filesystem" if kind[:1] in "aeiou" else f"a {kind} filesystem"
     return f"a {kind} signature" + (f" ({usage})" if usage else "")
