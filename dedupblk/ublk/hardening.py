@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import threading
 from collections.abc import Callable
 from typing import Final
 
@@ -24,7 +25,11 @@ PR_SET_IO_FLUSHER: Final = 57  # linux/prctl.h
 M_TRIM_THRESHOLD: Final = -1
 M_TOP_PAD: Final = -2
 M_MMAP_MAX: Final = -4
-MALLOC_TOP_PAD_BYTES: Final = 16 << 20
+M_ARENA_MAX: Final = -8
+MALLOC_TOP_PAD_BYTES: Final = 1 << 20
+# Every thread's stack is locked in full under mlockall (8 MiB by default): the server's threads
+# run shallow Python (a request handler, the store, a control command), far less than this.
+THREAD_STACK_BYTES: Final = 256 * 1024
 MCL_CURRENT: Final = 1  # sys/mman.h
 MCL_FUTURE: Final = 2
 
@@ -46,6 +51,7 @@ def harden_process(*, strict: bool) -> None:
         ("prctl(PR_SET_IO_FLUSHER)", set_io_flusher),
         ("oom_score_adj -1000", protect_from_oom_killer),
         ("mallopt", keep_heap),
+        ("thread stacks", small_stacks),
         ("mlockall", lock_memory),
     ]
     for what, step in steps:
@@ -71,16 +77,26 @@ def protect_from_oom_killer() -> None:
 
 
 def keep_heap() -> None:
-    """Make malloc keep what it got (no trimming, no mmap per large block) and grow in 16 MiB
-    steps: freed request buffers are reused instead of being returned to the kernel and faulted
-    in (and, under mlockall, locked) again on the next pass."""
+    """Make malloc keep what it got (no trimming, no mmap per large block), grow in 1 MiB steps,
+    and serve every thread from one arena: freed request buffers are reused instead of being
+    returned to the kernel and faulted in (and, under mlockall, locked) again on the next pass,
+    and no thread gets an arena of its own to lock."""
     for param, value in (
         (M_TRIM_THRESHOLD, -1),
         (M_MMAP_MAX, 0),
         (M_TOP_PAD, MALLOC_TOP_PAD_BYTES),
+        (M_ARENA_MAX, 1),
     ):
         if _mallopt(param, value) != 1:  # mallopt returns 1 on success and sets no errno
             raise OSError(errno.EINVAL, f"mallopt({param}, {value}) refused")
+
+
+def small_stacks() -> None:
+    """Threads started from now on get `THREAD_STACK_BYTES` of stack."""
+    try:
+        threading.stack_size(THREAD_STACK_BYTES)
+    except (ValueError, RuntimeError) as exc:
+        raise OSError(errno.EINVAL, f"thread stack size refused: {exc}") from exc
 
 
 def lock_memory() -> None:

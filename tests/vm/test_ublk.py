@@ -21,6 +21,7 @@ PYTHON = REPO / ".venv" / "bin" / "python"
 
 BLOCK_CHECKS = [
     "serve prints the device and runs hardened",
+    "the conformance suite passes on the device",
     "fio random 4K writes verify (crc32c)",
     "clean stop removes the device and leaves a clean store",
     "fio verifies the same data after a restart",

@@ -53,6 +53,7 @@ from dedupblk.ublk.control import Device, list_devices
 from dedupblk.ublk.hardening import set_io_flusher
 
 PAGE = 4096
+REPO = Path(__file__).resolve().parents[3]
 WORK = Path("/tmp")  # the guest's own tmpfs (cwd is the read-only repository)
 # PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE: what prctl(PR_SET_IO_FLUSHER, 1) sets on a thread.
 IO_FLUSHER_FLAGS = 0x00080000 | 0x00100000
@@ -193,6 +194,15 @@ def block_checks() -> None:
         require(len(listed) == 1 and listed[0].state == "live", f"devices: {listed}")
         require(listed[0].server_pid == server.pid and listed[0].server_alive, f"{listed}")
         require(dev in cli("devices").stdout, "`dedupblk devices` does not list it")
+
+    with check("the conformance suite passes on the device"):
+        # tests/conformance.py, the suite the store and NBD run too, against /dev/ublkbN.
+        done = subprocess.run([sys.executable, "-m", "tests.conformance", dev], cwd=REPO,
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        print(done.stdout.strip())
+        require(done.returncode == 0, f"exit {done.returncode}\n{done.stdout}{done.stderr}")
+        passed = done.stdout.count("PASS ")
+        require(passed >= 9 and f"{passed} passed, 0 failed" in done.stdout, done.stdout)
 
     with check("fio random 4K writes verify (crc32c)"):
         fio(dev, "--do_verify=1")
