@@ -48,6 +48,10 @@ BLOCK_DIO_MAX_PAGES = 256
 ZERO_CHUNK = 1 << 20  # bytes of zeros per write when preallocating
 log = logging.getLogger(__name__)
 
+SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range = function(
+    "sync_file_range", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
+)
 _fallocate = function(
     "fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64
 )
@@ -209,9 +213,14 @@ class Backend:
     def write_slot(self, slot: int, data: bytes) -> None:
         self.write_slots([(slot, data)])
 
-    def write_slots(self, items: Sequence[tuple[int, bytes]]) -> None:
+    def write_slots(
+        self, items: Sequence[tuple[int, bytes]], *, start_writeback: bool = False
+    ) -> None:
         """Write (slot, page) pairs, one ``pwritev`` per run of consecutive slots (a run is cut
-        at `BLOCK_DIO_MAX_PAGES` on a block device, at `IOV_MAX` otherwise)."""
+        at `BLOCK_DIO_MAX_PAGES` on a block device, at `IOV_MAX` otherwise). With
+        ``start_writeback``, each run written through the page cache is sent on to the disk at
+        once (``sync_file_range``): the sync that must come before the commit then finds it
+        done or under way."""
         ordered = sorted(items)
         most = BLOCK_DIO_MAX_PAGES if self.is_block else IOV_MAX
         i = 0
@@ -221,6 +230,10 @@ class Backend:
             while j < len(ordered) and ordered[j][0] == first + (j - i) and j - i < most:
                 j += 1
             self._write_run([data for _, data in ordered[i:j]], first)
+            if start_writeback and self._bounce_view is None:
+                _sync_file_range(
+                    self.fd, first * PAGE_SIZE, (j - i) * PAGE_SIZE, SYNC_FILE_RANGE_WRITE
+                )  # a hint: its failure leaves the sync to do all the work
             i = j
 
     def _write_run(self, pages: list[bytes], first: int) -> None:

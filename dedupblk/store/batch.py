@@ -113,7 +113,7 @@ class Batch:
         fingerprint: FingerprintFn,
         slot_cache: dict[int, bytes],
         counts: SlotCounts,
-        durable: bool,
+        start_writeback: bool,
         new_data: bool = True,
     ) -> None:
         self.txn = txn
@@ -123,7 +123,7 @@ class Batch:
         self.fingerprint = fingerprint
         self.cache = slot_cache  # committed slots' contents (read-only here)
         self.counts = counts  # read-only here; see `allocated_by_chunk`
-        self.durable = durable
+        self.start_writeback = start_writeback
         self.may_allocate = new_data
         self.state = state.copy()
         self.state.clean = 0
@@ -181,8 +181,8 @@ class Batch:
     # -- applying pages ------------------------------------------------------------------------
 
     def apply(self, batch: dict[int, Pending]) -> State:
-        """Apply every pending page, write new slot data (synced first in a durable store) and
-        put every changed record; the caller commits."""
+        """Apply every pending page, write new slot data and put every changed record; the
+        caller syncs the data (a durable store) and then commits."""
         state = self.state
         for page in sorted(batch):
             kind, word, content = batch[page]
@@ -222,9 +222,9 @@ class Batch:
         self._drop_references()
         if self.new_data:
             try:
-                self.backend.write_slots(list(self.new_data.items()))
-                if self.durable:
-                    self.backend.sync()  # the data before the commit that maps it
+                self.backend.write_slots(
+                    list(self.new_data.items()), start_writeback=self.start_writeback
+                )
             except DedupblkError as exc:
                 raise WriteFailed(exc) from exc
         self._put_records()

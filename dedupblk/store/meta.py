@@ -255,9 +255,17 @@ class Meta:
             self._reader.abort()
             self._reader = None
 
-    def write(self, body: Callable[[Any], T]) -> T:
+    def write(
+        self,
+        body: Callable[[Any], T],
+        *,
+        before_commit: Callable[[], None] | None = None,
+        unlocked: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
+    ) -> T:
         """Run ``body(txn)`` in one write transaction and commit it, growing the map when full.
 
+        ``before_commit`` runs between the body and the commit (the data's sync); ``unlocked``
+        is entered around both (the caller's lock let go while they wait for the disk).
         ``body`` must be safe to run again from the start: on ``MapFullError`` the transaction is
         aborted (nothing of it is kept), the map doubles and ``body`` runs anew.
         """
@@ -276,7 +284,10 @@ class Meta:
                 txn.abort()
                 raise
             try:
-                txn.commit()
+                with unlocked() if unlocked is not None else contextlib.nullcontext():
+                    if before_commit is not None:
+                        before_commit()
+                    txn.commit()
             except lmdb.MapFullError:
                 grown = self._grown_map_size()
                 self._reserve(grown)
@@ -285,6 +296,11 @@ class Meta:
             except lmdb.Error as exc:
                 # A durable commit syncs: a failure leaves the disk's state unknown.
                 raise SyncFailed(f"committing metadata: {exc}") from exc
+            except BaseException:
+                txn.abort()
+                raise
+            finally:
+                self.drop_reader()  # one begun while unlocked shows the state before this commit
             return result
 
     def _reserve(self, size: int) -> None:

@@ -4,12 +4,16 @@ The on-disk format, its invariants and the write order are specified once in
 `dedupblk.store.format`. This module implements them.
 
 Group commit: `Store.write` classifies pages and keeps them in a bounded buffer of pending pages
-(`GROUP_PAGES` pages or `GROUP_SECONDS` seconds, whichever comes first; a background thread
-commits a batch that waited its time, unless the store was opened with ``group_commit=False``
-by a caller that commits every batch itself). `Store.commit` applies the buffer in one LMDB write
-transaction (`dedupblk.store.batch`); `Store.flush` commits and makes everything durable. Reads see
-pending pages. A kill of the process loses only pages still pending, which read back afterwards as
-their old content.
+(`GROUP_PAGES` pages or `GROUP_SECONDS` seconds, whichever comes first), which the committer thread
+applies in one LMDB write transaction each (`dedupblk.store.batch`). A full buffer is handed over
+and a new one fills while the committer works: at most one full buffer waits, so at most three
+are in memory. The committer syncs (data, then metadata: the format's write order) without the
+store's lock, so requests go on meanwhile; they see every page handed over. `Store.commit` and
+`Store.flush` wait until everything accepted is committed (flush: and durable). A caller that
+commits every batch itself (the ublk server, once per pass) opens the store with
+``group_commit=False``: no committer thread then, and each commit runs in the caller's thread. A
+kill of the process loses only pages not yet committed, which read back afterwards as their old
+content.
 
 A commit that cannot write its new slot data (a full filesystem, an I/O error) still commits every
 page that needs no new data (trims, zeroes, fills, duplicates), drops the rest (they read as their
@@ -22,6 +26,7 @@ Every public method takes the store's lock, so any thread may call any method.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -163,6 +168,9 @@ class Store:
         self._pending: dict[int, Pending] = {}
         self._pending_data = 0  # DATA pages in _pending: each may need one slot
         self._pending_since = 0.0
+        self._sealed: list[dict[int, Pending]] = []  # full buffers handed to the committer
+        self._committing: dict[int, Pending] | None = None  # the one it commits now
+        self._inflight_data = 0  # DATA pages in those: each may need one slot too
         self._counts = SlotCounts(self.config.slot_capacity)
         # Slots freed by the last commit, released after the next one (durable stores).
         self._cooling: list[int] = []
@@ -314,8 +322,18 @@ class Store:
                 return data
             return data[start : start + length]
 
-    def _page(self, page: int) -> bytes:
+    def _uncommitted(self, page: int) -> Pending | None:
+        """The newest accepted, not yet committed content of ``page``, if any."""
         entry = self._pending.get(page)
+        if entry is None and (self._sealed or self._committing is not None):
+            for batch in (*reversed(self._sealed), self._committing or {}):
+                entry = batch.get(page)
+                if entry is not None:
+                    break
+        return entry
+
+    def _page(self, page: int) -> bytes:
+        entry = self._uncommitted(page)
         if entry is not None:
             return entry[2] or (fill_page(entry[1]) if entry[1] else ZERO_PAGE)
         meta = self._meta_
@@ -437,7 +455,7 @@ class Store:
                 chunk_no, chunk = -1, None
                 page = offset >> PAGE_SHIFT
                 while (page << PAGE_SHIFT) < end:
-                    entry = self._pending.get(page)
+                    entry = self._uncommitted(page)
                     if entry is not None:
                         hole = entry[0] == ZERO
                     else:
@@ -467,6 +485,9 @@ class Store:
             except (StoreFull, BackendError):
                 self._write_error = None
                 raise
+            error, self._write_error = self._write_error, None  # a handed-over batch failed
+            if error is not None:
+                raise error
 
     def flush(self) -> None:
         """Make every write accepted so far durable: commit, then make that commit durable. On
@@ -492,17 +513,17 @@ class Store:
             entry = (FILL, word, None)
         previous = self._pending.get(page)
         replaces_data = previous is not None and previous[0] == DATA
-        if kind == DATA and not replaces_data and self._pending_data >= self._counts.total:
+        in_flight = self._pending_data + self._inflight_data
+        if kind == DATA and not replaces_data and in_flight >= self._counts.total:
             self._make_room()
             if self._counts.total == 0:
                 # No slot is known free: this page can only land if it dedups. Try it alone.
                 self._pending[page] = entry
                 self._pending_data += 1
-                try:
-                    self._commit_locked()
-                except StoreFull:
-                    self._pending.pop(page, None)
-                    raise
+                self._commit_locked()
+                error, self._write_error = self._write_error, None
+                if error is not None:
+                    raise error
                 return
             previous = self._pending.get(page)
             replaces_data = previous is not None and previous[0] == DATA
@@ -514,7 +535,12 @@ class Store:
         self._pending[page] = entry
         self._pending_data += (kind == DATA) - replaces_data
         if len(self._pending) >= GROUP_PAGES:
-            self._commit_locked()
+            if self._pipelined():
+                while self._sealed and not self._closed:  # one full buffer waits, no more
+                    self._wake.wait()
+                self._seal()
+            else:
+                self._commit_locked()
 
     def _make_room(self) -> None:
         self._commit_locked()
@@ -529,19 +555,31 @@ class Store:
             )
             self._committer.start()
 
+    def _pipelined(self) -> bool:
+        """Whether commits are the committer thread's (see the module docstring)."""
+        return self._group_commit and threading.current_thread() is not self._committer
+
+    def _seal(self) -> None:
+        """Hand the pending buffer to the committer."""
+        if self._pending:
+            self._sealed.append(self._pending)
+            self._inflight_data += self._pending_data
+            self._pending, self._pending_data = {}, 0
+            self._start_committer()
+            self._wake.notify_all()
+
     def _committer_loop(self) -> None:
-        """Off the request path: commit a batch that waited `GROUP_SECONDS` when no request
-        did it first."""
+        """Commit what is handed over, and a buffer that waited `GROUP_SECONDS` when no request
+        filled it first."""
         with self._lock:
             try:
                 while not self._closed:
-                    if self._pending and self._group_commit:
+                    if self._sealed:
+                        self._commit_sealed()
+                    elif self._pending and self._group_commit:
                         due = self._pending_since + GROUP_SECONDS - time.monotonic()
                         if due <= 0:
-                            try:
-                                self._commit_locked()
-                            except DedupblkError as exc:
-                                self._log.error("background commit failed: %s", exc)
+                            self._seal()
                             continue
                         self._wake.wait(due)
                     else:
@@ -550,34 +588,80 @@ class Store:
                         self._committer_idle = False
             finally:
                 self._committer_idle = True  # gone: the next batch starts a new one
+                self._wake.notify_all()
+
+    def _commit_sealed(self) -> None:
+        batch = self._committing = self._sealed.pop(0)
+        data = sum(1 for entry in batch.values() if entry[0] == DATA)
+        try:
+            self._commit_batch(batch, unlock=True)
+        except DedupblkError as exc:
+            self._write_error = self._write_error or exc  # for the next commit or flush
+            self._log.error("a background commit failed: %s", exc)
+        finally:
+            self._committing = None
+            self._inflight_data -= data
+            self._wake.notify_all()
 
     def _commit_locked(self) -> None:
-        if not self._pending or self._closed:
+        """Commit everything accepted so far; return once it is committed."""
+        if self._closed:
             return
-        batch = self._pending
-        self._pending, self._pending_data = {}, 0
+        if self._pipelined():
+            self._seal()
+            while self._sealed or self._committing is not None:
+                if self._committer is None or not self._committer.is_alive():
+                    self._start_committer()  # it died: another takes over
+                self._wake.wait(1.0)
+            return
+        if self._pending:
+            batch = self._pending
+            self._pending, self._pending_data = {}, 0
+            self._commit_batch(batch, unlock=False)
+
+    def _commit_batch(self, batch: dict[int, Pending], *, unlock: bool) -> None:
         try:
-            done = self._apply(batch, new_data=True)
-        except WriteFailed as failed:
-            # The new slot data could not be written: commit what needs none, drop the rest.
-            error = failed.error
+            done = self._apply(batch, new_data=True, unlock=unlock)
+        except (WriteFailed, StoreFull) as failed:
+            # The new slot data could not be written (or had no slot): commit what needs none,
+            # drop the rest.
+            error = failed.error if isinstance(failed, WriteFailed) else failed
             self._log.error("a commit failed, %d pages dropped: %s", len(batch), error)
             self._write_error = error
             if self._broken is None:
-                self._committed(self._apply(batch, new_data=False))
+                self._committed(self._apply(batch, new_data=False, unlock=unlock))
             raise error from None
         except BaseException:
-            self._pending = batch  # nothing was committed: the pages stay pending
-            self._pending_data = sum(1 for entry in batch.values() if entry[0] == DATA)
+            # Nothing was committed: the pages are pending again, under any accepted since.
+            for page, entry in batch.items():
+                if page not in self._pending:
+                    self._pending[page] = entry
+                    self._pending_data += entry[0] == DATA
             raise
         self._committed(done)
 
-    def _apply(self, batch: dict[int, Pending], *, new_data: bool) -> Batch:
+    @contextlib.contextmanager
+    def _unlocked(self) -> Iterator[None]:
+        """The committer's syncs, without the store's lock (it holds it once)."""
+        self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.acquire()
+
+    def _apply(self, batch: dict[int, Pending], *, new_data: bool, unlock: bool) -> Batch:
         """Run one commit of ``batch``; with ``new_data`` False, pages that would need a new slot
-        are left out (see `NeedsSlot`)."""
+        are left out. With ``unlock``, the syncs run without the store's lock."""
         meta = self._meta_
         applied: list[Batch] = []
         durable = self.volatile is None
+
+        def sync_data() -> None:
+            if durable and applied[0].new_data:
+                try:
+                    self._backend_.sync()  # the data before the commit that maps it
+                except DedupblkError as exc:
+                    raise WriteFailed(exc) from exc
 
         def body(txn: Any) -> None:
             applied[:] = [
@@ -590,7 +674,7 @@ class Store:
                     fingerprint=self._fingerprint,
                     slot_cache=self._slot_cache,
                     counts=self._counts,
-                    durable=durable,
+                    start_writeback=durable,
                     new_data=new_data,
                 )
             ]  # the last try is the one that commits
@@ -598,7 +682,9 @@ class Store:
 
         try:
             with damaged_metadata(self.path):
-                meta.write(body)
+                meta.write(
+                    body, before_commit=sync_data, unlocked=self._unlocked if unlock else None
+                )
         except WriteFailed as failed:
             if isinstance(failed.error, SyncFailed):
                 self._broken = failed.error

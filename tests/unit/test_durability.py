@@ -98,12 +98,12 @@ def test_slot_data_is_synced_before_the_commit_that_maps_it(
         backend, meta = store._backend, store._meta
         real_write, real_sync, real_commit = backend.write_slots, backend.sync, Meta.write
         monkeypatch.setattr(
-            backend, "write_slots", lambda items: (events.append("data"), real_write(items))
+            backend, "write_slots", lambda *a, **k: (events.append("data"), real_write(*a, **k))
         )
         monkeypatch.setattr(backend, "sync", lambda: (events.append("sync"), real_sync()))
 
-        def write(self: Meta, body: object) -> object:
-            result = real_commit(self, body)  # type: ignore[arg-type]
+        def write(self: Meta, body: object, **options: object) -> object:
+            result = real_commit(self, body, **options)  # type: ignore[arg-type]
             events.append("commit")
             return result
 

@@ -385,26 +385,34 @@ def test_map_growth_without_disk_space_is_store_full(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The writable map is allocated on disk before it grows (a write through it into a hole of
-    a full filesystem would be SIGBUS): no room is `StoreFull`, the pages stay pending, and the
-    commit succeeds once there is room."""
+    a full filesystem would be SIGBUS): no room is `StoreFull`, the pages that needed it are
+    dropped (nothing that failed stays in memory; what was committed stays), and writes succeed
+    once there is room."""
     monkeypatch.setattr(meta_module, "INITIAL_MAP_SIZE", 64 << 10)
     path = str(tmp_path / "s")
     create_store(path, 16 << 20)
-    pages = b"".join(rand_page(n) for n in range(600))
+    pages = b"".join(rand_page(n) for n in range(3000))
     with open_store(path) as store:
         real_fallocate = os.posix_fallocate
+        store.write(0, rand_page(9999))
+        store.commit()
 
         def no_space(fd: int, offset: int, length: int) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         monkeypatch.setattr(meta_module.os, "posix_fallocate", no_space)
-        store.write(0, pages)  # 600 pages need more than a 64 KiB map
+        store.write(P, pages)  # 3000 more pages need more than the 128 KiB map has grown to
         with pytest.raises(StoreFull, match="metadata"):
             store.commit()
-        assert store.read(0, len(pages)) == pages  # still pending, still readable
+        assert not store._pending
+        assert store.read(0, P) == rand_page(9999)  # what was committed stays
+        for n in range(3000):  # each page is what was committed of it: the new bytes, or none
+            assert store.read((n + 1) * P, P) in (rand_page(n), bytes(P))
+        assert store.check().problems == []
         monkeypatch.setattr(meta_module.os, "posix_fallocate", real_fallocate)
+        store.write(P, pages)
         store.commit()
-        assert store.statistics().mapped_pages == 600
+        assert store.statistics().mapped_pages == 3001
     assert check_store(path).problems == []
 
 
@@ -427,13 +435,13 @@ def test_a_dead_committer_is_replaced_by_the_next_batch(
     died: list[BaseException | None] = []
     monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
     with open_store(store_dir) as store:
-        real_commit = store._commit_locked
+        real_commit = store._commit_sealed
 
         def fail_once() -> None:
-            monkeypatch.setattr(store, "_commit_locked", real_commit)
+            monkeypatch.setattr(store, "_commit_sealed", real_commit)
             raise RuntimeError("simulated failure in the committer thread")
 
-        monkeypatch.setattr(store, "_commit_locked", fail_once)
+        monkeypatch.setattr(store, "_commit_sealed", fail_once)
         store.write(0, rand_page(1))  # the committer's timed commit fails, and it dies
         first = store._committer
         assert first is not None
