@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import DedupblkError, StoreFull
 from .backend import Backend
-from .fingerprint import FILL, ZERO, FingerprintFn
+from .fingerprint import DATA, ZERO, FingerprintFn
 from .format import (
     FILL_ENTRY,
     FIRST_DATA_SLOT,
@@ -46,6 +46,7 @@ ZERO_PENDING: Pending = (ZERO, 0, None)
 
 _U32 = struct.Struct("<I")
 _unpack_u32 = _U32.unpack_from
+_unpack_u32be = struct.Struct(">I").unpack_from
 _pack_u32 = _U32.pack_into
 _pack_u64be = U64BE.pack
 _pack_u32be = U32BE.pack
@@ -147,6 +148,8 @@ class Batch:
         self.allocated_by_chunk: dict[int, int] = {}  # refs chunk -> slots taken from it
         self.rover = counts.rover
         self.get = txn.get
+        self.max_share = config.max_share
+        self.targets: dict[bytes, int] = {}  # fingerprint -> the slot this batch gave it
 
     # -- records, read once into private copies ------------------------------------------------
 
@@ -184,41 +187,51 @@ class Batch:
         """Apply every pending page, write new slot data and put every changed record; the
         caller syncs the data (a durable store) and then commits."""
         state = self.state
-        for page in sorted(batch):
+        map_chunks, dirty_map = self.map_chunks, self.dirty_map
+        fill_words, fill_deletes, decrements = self.fill_words, self.fill_deletes, self.decrements
+        place = self._place
+        chunk_no, chunk, first = -1, bytearray(), -MAP_CHUNK_PAGES
+        mapped = fills = lost = 0  # changes to the state's counters
+        for page in sorted(batch):  # in order: consecutive pages share a map chunk
             kind, word, content = batch[page]
-            chunk_no, at = divmod(page, MAP_CHUNK_PAGES)
-            chunk = self._map_chunk(chunk_no)
-            at *= 4
+            if page - first >= MAP_CHUNK_PAGES or page < first:
+                chunk_no = page // MAP_CHUNK_PAGES
+                first = chunk_no * MAP_CHUNK_PAGES
+                chunk = map_chunks.get(chunk_no) or self._map_chunk(chunk_no)
+            at = (page - first) * 4
             old: int = _unpack_u32(chunk, at)[0]
-            if kind == ZERO:
-                new = 0
-            elif kind == FILL:
-                new = FILL_ENTRY
-                self.fill_words[page] = word
-                self.fill_deletes.discard(page)
-            else:
+            if kind == DATA:
                 assert content is not None
                 try:
-                    new = self._place(content, old)
+                    new = place(content, old)
                 except _NeedsSlot:
                     continue  # dropped: the page keeps its committed content
+            elif kind == ZERO:
+                new = 0
+            else:
+                new = FILL_ENTRY
+                fill_words[page] = word
+                fill_deletes.discard(page)
             if new == old:
                 continue  # the same slot again, or a fill whose word was just replaced
             _pack_u32(chunk, at, new)
-            self.dirty_map.add(chunk_no)
+            dirty_map.add(chunk_no)
             if old == FILL_ENTRY:
-                state.same_filled_pages -= 1
-                self.fill_words.pop(page, None)
-                self.fill_deletes.add(page)
+                fills -= 1
+                fill_words.pop(page, None)
+                fill_deletes.add(page)
             elif old == LOST_ENTRY:
-                state.lost_pages -= 1
+                lost -= 1
             elif old:
-                state.mapped_pages -= 1
-                self.decrements[old] = self.decrements.get(old, 0) + 1
+                mapped -= 1
+                decrements[old] = decrements.get(old, 0) + 1
             if new == FILL_ENTRY:
-                state.same_filled_pages += 1
+                fills += 1
             elif new:
-                state.mapped_pages += 1
+                mapped += 1
+        state.mapped_pages += mapped
+        state.same_filled_pages += fills
+        state.lost_pages += lost
         self._drop_references()
         if self.new_data:
             try:
@@ -234,25 +247,36 @@ class Batch:
         """The slot for a DATA page: a verified duplicate with room for one more reference, or a
         newly allocated slot that becomes the dedup target for these bytes."""
         fp = self.fingerprint(content)
-        head = int.from_bytes(fp[:4], "big")
+        known = self.targets.get(fp)  # this batch placed these bytes already
+        if known is not None and self._contents(known) == content:
+            if known == old:
+                return old
+            refs = self.ref_chunks[known // REF_CHUNK_SLOTS]
+            if refs[known % REF_CHUNK_SLOTS] < self.max_share:
+                refs[known % REF_CHUNK_SLOTS] += 1  # its chunk is dirty since it was placed
+                return known
+        head: int = _unpack_u32be(fp)[0]
         bucket_no = head >> self.shift
         tag = fp[4:6]
-        bucket = self._bucket(bucket_no)
+        bucket = self.buckets.get(bucket_no)
+        if bucket is None:
+            bucket = self._bucket(bucket_no)
         tags = len(bucket) // 3  # bytes of the tag region: 2 of every 6
         full_slot = 0
-        at = bucket.find(tag, 0, tags)
+        at = bucket.find(tag, 0, tags) if tags else -1
         while at != -1:
             if not at & 1:
                 slot: int = _unpack_u32(bucket, tags + at * 2)[0]
-                held = self._contents(slot)
-                if held == content:
+                if self._contents(slot) == content:
                     if slot == old:
                         return old  # rewrote the bytes the page already had
-                    refs = self._ref_chunk(slot // REF_CHUNK_SLOTS)
+                    cno = slot // REF_CHUNK_SLOTS
+                    refs = self.ref_chunks.get(cno) or self._ref_chunk(cno)
                     i = slot % REF_CHUNK_SLOTS
-                    if refs[i] < self.config.max_share:
+                    if refs[i] < self.max_share:
                         refs[i] += 1
-                        self.dirty_refs.add(slot // REF_CHUNK_SLOTS)
+                        self.dirty_refs.add(cno)
+                        self.targets[fp] = slot
                         return slot
                     full_slot = slot
             at = bucket.find(tag, at + 1, tags)
@@ -260,14 +284,17 @@ class Batch:
             raise _NeedsSlot
         slot = self._allocate()
         self.new_data[slot] = content
-        self._ref_chunk(slot // REF_CHUNK_SLOTS)[slot % REF_CHUNK_SLOTS] = 1
-        self.dirty_refs.add(slot // REF_CHUNK_SLOTS)
-        _pack_u32(self._fp_chunk(slot // FP_CHUNK_SLOTS), (slot % FP_CHUNK_SLOTS) * 4, head)
-        self.dirty_fps.add(slot // FP_CHUNK_SLOTS)
+        cno = slot // REF_CHUNK_SLOTS
+        (self.ref_chunks.get(cno) or self._ref_chunk(cno))[slot % REF_CHUNK_SLOTS] = 1
+        self.dirty_refs.add(cno)
+        fno = slot // FP_CHUNK_SLOTS
+        _pack_u32(self.fp_chunks.get(fno) or self._fp_chunk(fno), (slot % FP_CHUNK_SLOTS) * 4, head)
+        self.dirty_fps.add(fno)
         self.state.stored_slots += 1
         if full_slot:
             self._unindex(bucket_no, full_slot)  # the new slot takes its place as the target
         self._index(bucket_no, tag, slot)
+        self.targets[fp] = slot
         return slot
 
     def _contents(self, slot: int) -> bytes:

@@ -59,12 +59,14 @@ from .format import (
     KEY_STATE,
     LOST_ENTRY,
     MAP_CHUNK_PAGES,
+    MAP_KEY,
     META_DIR,
     PAGE_SHIFT,
     PAGE_SIZE,
     REF_CHUNK_SLOTS,
     U64BE,
     U64LE,
+    VOLUME,
     fill_key,
     map_key,
 )
@@ -76,9 +78,10 @@ log = logging.getLogger(__name__)
 
 GROUP_PAGES = 1024  # pages buffered before a commit (4 MiB)
 GROUP_SECONDS = 0.05  # longest a buffered page waits for its commit
-SLOT_CACHE_PAGES = 256  # slot contents kept for verifying duplicates (1 MiB)
+SLOT_CACHE_PAGES = 1024  # slot contents kept for verifying duplicates and for reads (4 MiB)
 LOG_INTERVAL_SECONDS = 10.0  # a repeated failure is logged at most this often
 _U32_AT = struct.Struct("<I").unpack_from
+_pack_map_key = MAP_KEY.pack
 
 
 def open_store(
@@ -87,19 +90,23 @@ def open_store(
     readonly: bool = False,
     fingerprint: FingerprintFn | None = None,
     group_commit: bool = True,
+    slot_cache_pages: int = SLOT_CACHE_PAGES,
 ) -> Store:
     """Open a store: exclusively for writing, or shared with other read-only openers.
 
     ``fingerprint`` replaces XXH3-128 (tests inject colliding functions to prove that verify keeps
     different pages apart). ``group_commit=False`` is for a caller that commits every batch
     itself (the ublk server, once per pass): no background thread then commits on a timer, so
-    none competes with the request path. Use as a context manager; `Store.close` flushes.
+    none competes with the request path. ``slot_cache_pages`` bounds the slot contents kept in
+    memory (a server whose memory is locked keeps fewer). Use as a context manager;
+    `Store.close` flushes.
     """
     return Store(
         os.fspath(path),
         readonly=readonly,
         fingerprint=fingerprint or xxh3_128,
         group_commit=group_commit,
+        slot_cache_pages=slot_cache_pages,
     )
 
 
@@ -131,6 +138,7 @@ class Store:
         readonly: bool,
         fingerprint: FingerprintFn,
         group_commit: bool = True,
+        slot_cache_pages: int = SLOT_CACHE_PAGES,
     ) -> None:
         if not os.path.isfile(os.path.join(store_dir, META_DIR, "data.mdb")):
             kind = "no such store" if not os.path.exists(store_dir) else "not a dedupblk store"
@@ -141,29 +149,13 @@ class Store:
         self._lock = threading.RLock()
         self._closed = False
         self._file_lock = StoreLock(store_dir, exclusive=not readonly)
-        self._meta: Meta | None = None
-        self._backend: Backend | None = None
         try:
-            # Where the metadata is decides how LMDB is opened; where the slots are is only
-            # known from the config, so a store whose slots alone are in RAM is opened again.
-            self.volatile = None if readonly else in_memory(os.path.join(store_dir, META_DIR))
-            self._meta = Meta(store_dir, readonly=readonly, durable=self.volatile is None)
-            self.config, self._state = self._meta.read_header()
-            self.backend_path = self.config.backend or os.path.join(store_dir, DATA_FILE)
-            if not readonly and self.volatile is None:
-                self.volatile = in_memory(self.backend_path)
-                if self.volatile is not None:
-                    self._meta.close()
-                    self._meta = Meta(store_dir, readonly=False, durable=False)
-            self._backend = Backend(self.backend_path, readonly=readonly)
-            self._backend.check_header(self.config.uuid)
-            if self._backend.capacity_slots() < self.config.slot_capacity:
-                raise BackendMismatch(
-                    f"backend {self.backend_path} is smaller than when the store was created"
-                )
+            self.volatile, self._meta, self._backend = self._open_files(store_dir, readonly)
         except BaseException:
-            self._release_files()
+            self._file_lock.release()
             raise
+        self.config, self._state = self._meta.read_header()
+        self.backend_path = self._backend.path
         self.size = self.config.size
         self._pending: dict[int, Pending] = {}
         self._pending_data = 0  # DATA pages in _pending: each may need one slot
@@ -184,6 +176,7 @@ class Store:
         # Slot contents recently written or read for verification, so that a duplicate of a hot
         # page is verified without a read from the backend (bounded; see `_remember_slots`).
         self._slot_cache: dict[int, bytes] = {}
+        self._slot_cache_pages = slot_cache_pages
         self._wake = threading.Condition(self._lock)
         if not readonly:
             try:
@@ -192,11 +185,39 @@ class Store:
                 self._release_files()
                 raise
 
+    @staticmethod
+    def _open_files(store_dir: str, readonly: bool) -> tuple[str | None, Meta, Backend]:
+        """Open the metadata and the backend: (why the store is volatile, or None; both).
+
+        Where the metadata is decides how LMDB is opened; where the slots are is only known from
+        the config, so a store whose slots alone are in RAM has its metadata opened again."""
+        volatile = None if readonly else in_memory(os.path.join(store_dir, META_DIR))
+        meta = Meta(store_dir, readonly=readonly, durable=volatile is None)
+        backend: Backend | None = None
+        try:
+            config = meta.read_header()[0]
+            backend_path = config.backend or os.path.join(store_dir, DATA_FILE)
+            if not readonly and volatile is None:
+                volatile = in_memory(backend_path)
+                if volatile is not None:
+                    meta.close()
+                    meta = Meta(store_dir, readonly=False, durable=False)
+            backend = Backend(backend_path, readonly=readonly)
+            backend.check_header(config.uuid)
+            if backend.capacity_slots() < config.slot_capacity:
+                raise BackendMismatch(
+                    f"backend {backend_path} is smaller than when the store was created"
+                )
+        except BaseException:
+            if backend is not None:
+                backend.close()
+            meta.close()
+            raise
+        return volatile, meta, backend
+
     def _release_files(self) -> None:
-        if self._backend is not None:
-            self._backend.close()
-        if self._meta is not None:
-            self._meta.close()
+        self._backend.close()
+        self._meta.close()
         self._file_lock.release()
 
     # -- life cycle ------------------------------------------------------------------------------
@@ -204,8 +225,8 @@ class Store:
     def _open_for_writing(self) -> None:
         """Make what a killed predecessor committed durable, count the free slots, give back
         the space of free slots if the store was not closed cleanly, and mark it in use."""
-        meta = self._meta_
-        self._backend_.sync()
+        meta = self._meta
+        self._backend.sync()
         meta.sync()
         self._count_slots(give_back=not self._state.clean)
         self._state.clean = 0
@@ -216,8 +237,8 @@ class Store:
         """Count the free slots of every refs chunk afresh; with ``give_back``, punch (discard)
         every free slot too: a killed server may have freed slots it never released, whose old
         data still takes space (zram: memory)."""
-        meta, counts = self._meta_, SlotCounts(self.config.slot_capacity)
-        give_back = give_back and self._backend_.punches
+        meta, counts = self._meta, SlotCounts(self.config.slot_capacity)
+        give_back = give_back and self._backend.punches
         capacity = self.config.slot_capacity
         with damaged_metadata(self.path), meta.env.begin(buffers=True) as txn:
             present = txn.cursor(db=meta.refs)
@@ -240,16 +261,6 @@ class Store:
                     )
         self._counts = counts
 
-    @property
-    def _meta_(self) -> Meta:
-        assert self._meta is not None
-        return self._meta
-
-    @property
-    def _backend_(self) -> Backend:
-        assert self._backend is not None
-        return self._backend
-
     def close(self) -> None:
         """Flush everything, wait for the committer and release the store. Idempotent. If the
         final flush fails the store is still released, and the error raised."""
@@ -260,7 +271,7 @@ class Store:
                 if not self.readonly and self._broken is None:
                     self._flush_locked()
                     self._state.clean = 1
-                    meta = self._meta_
+                    meta = self._meta
                     meta.write(lambda txn: txn.put(KEY_STATE, self._state.pack(), db=meta.info))
                     meta.sync()
             finally:
@@ -277,7 +288,7 @@ class Store:
     @property
     def backend_preallocated(self) -> bool:
         """Whether the slots are a file written in full at create and never punched."""
-        return not self._backend_.is_block and not self._backend_.punches
+        return not self._backend.is_block and not self._backend.punches
 
     def __enter__(self) -> Store:
         return self
@@ -315,8 +326,12 @@ class Store:
                 return b""
             first = offset >> PAGE_SHIFT
             last = (offset + length - 1) >> PAGE_SHIFT
-            parts = [self._page(page) for page in range(first, last + 1)]
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            with damaged_metadata(self.path):
+                if first == last:
+                    data = self._page(first, None)
+                else:
+                    chunk: list[Any] = [None, -1]  # a map chunk the pages share, and its number
+                    data = b"".join([self._page(page, chunk) for page in range(first, last + 1)])
             start = offset - (first << PAGE_SHIFT)
             if start == 0 and length == len(data):
                 return data
@@ -332,31 +347,36 @@ class Store:
                     break
         return entry
 
-    def _page(self, page: int) -> bytes:
-        entry = self._uncommitted(page)
+    def _page(self, page: int, shared: list[Any] | None) -> bytes:
+        """One page's bytes; ``shared`` keeps the last map chunk read, for the next page."""
+        entry = self._pending.get(page)
+        if entry is None and (self._sealed or self._committing is not None):
+            entry = self._uncommitted(page)
         if entry is not None:
             return entry[2] or (fill_page(entry[1]) if entry[1] else ZERO_PAGE)
-        meta = self._meta_
-        with damaged_metadata(self.path):
-            txn = meta.reader()
-            chunk_no, at = divmod(page, MAP_CHUNK_PAGES)
-            chunk = txn.get(map_key(chunk_no), db=meta.map)
-            if chunk is None:
-                return ZERO_PAGE
-            value: int = _U32_AT(chunk, at * 4)[0]
-            if value == 0:
-                return ZERO_PAGE
+        meta = self._meta
+        chunk_no = page // MAP_CHUNK_PAGES
+        if shared is not None and shared[1] == chunk_no:
+            chunk = shared[0]
+        else:
+            chunk = meta.reader().get(_pack_map_key(VOLUME, chunk_no), db=meta.map)
+            if shared is not None:
+                shared[0], shared[1] = chunk, chunk_no
+        if chunk is None:
+            return ZERO_PAGE
+        value: int = _U32_AT(chunk, (page - chunk_no * MAP_CHUNK_PAGES) * 4)[0]
+        if value == 0:
+            return ZERO_PAGE
+        if value >= LOST_ENTRY:
             if value == FILL_ENTRY:
-                raw = txn.get(fill_key(page), db=meta.fills)
-                if raw is None:
-                    raise DataLost(f"page {page} (bytes {page << PAGE_SHIFT}) has lost its fill")
-                return fill_page(U64LE.unpack(raw)[0])
-        if value == LOST_ENTRY:
+                raw = meta.reader().get(fill_key(page), db=meta.fills)
+                if raw is not None:
+                    return fill_page(U64LE.unpack(raw)[0])
             raise DataLost(
                 f"page {page} (bytes {page << PAGE_SHIFT}-{((page + 1) << PAGE_SHIFT) - 1}) was "
                 "found damaged by check --repair; write or trim it"
             )
-        return self._slot_cache.get(value) or self._backend_.read_slot(value)
+        return self._slot_cache.get(value) or self._backend.read_slot(value)
 
     def write(
         self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
@@ -394,7 +414,8 @@ class Store:
                 if take == PAGE_SIZE:
                     content = bytes(view[pos : pos + PAGE_SIZE])
                 else:
-                    old = self._page(page)
+                    with damaged_metadata(self.path):
+                        old = self._page(page, None)
                     content = old[:in_page] + bytes(view[pos : pos + take]) + old[in_page + take :]
                 self._accept(page, content)
                 pos += take
@@ -427,7 +448,8 @@ class Store:
                     self._accept(page, ZERO_PAGE)
                 else:
                     try:
-                        old = self._page(page)
+                        with damaged_metadata(self.path):
+                            old = self._page(page, None)
                     except DataLost:
                         if advisory:
                             page += 1
@@ -449,7 +471,7 @@ class Store:
             self._check_range(offset, length)
             out: list[tuple[int, int, bool]] = []
             end = offset + length
-            meta = self._meta_
+            meta = self._meta
             with damaged_metadata(self.path):
                 txn = meta.reader()
                 chunk_no, chunk = -1, None
@@ -556,8 +578,14 @@ class Store:
             self._committer.start()
 
     def _pipelined(self) -> bool:
-        """Whether commits are the committer thread's (see the module docstring)."""
-        return self._group_commit and threading.current_thread() is not self._committer
+        """Whether commits are the committer thread's (see the module docstring): in a durable
+        store, whose commits wait for the disk. A volatile store's are all work for the CPU, which
+        a second thread would only share (the GIL)."""
+        return (
+            self._group_commit
+            and self.volatile is None
+            and threading.current_thread() is not self._committer
+        )
 
     def _seal(self) -> None:
         """Hand the pending buffer to the committer."""
@@ -578,10 +606,16 @@ class Store:
                         self._commit_sealed()
                     elif self._pending and self._group_commit:
                         due = self._pending_since + GROUP_SECONDS - time.monotonic()
-                        if due <= 0:
+                        if due > 0:
+                            self._wake.wait(due)
+                        elif self.volatile is None:
                             self._seal()
-                            continue
-                        self._wake.wait(due)
+                        else:
+                            try:
+                                self._commit_locked()
+                            except DedupblkError as exc:
+                                self._write_error = self._write_error or exc
+                                self._log.error("a background commit failed: %s", exc)
                     else:
                         self._committer_idle = True
                         self._wake.wait(1.0)
@@ -652,14 +686,14 @@ class Store:
     def _apply(self, batch: dict[int, Pending], *, new_data: bool, unlock: bool) -> Batch:
         """Run one commit of ``batch``; with ``new_data`` False, pages that would need a new slot
         are left out. With ``unlock``, the syncs run without the store's lock."""
-        meta = self._meta_
+        meta = self._meta
         applied: list[Batch] = []
         durable = self.volatile is None
 
         def sync_data() -> None:
             if durable and applied[0].new_data:
                 try:
-                    self._backend_.sync()  # the data before the commit that maps it
+                    self._backend.sync()  # the data before the commit that maps it
                 except DedupblkError as exc:
                     raise WriteFailed(exc) from exc
 
@@ -668,7 +702,7 @@ class Store:
                 Batch(
                     txn,
                     meta=meta,
-                    backend=self._backend_,
+                    backend=self._backend,
                     config=self.config,
                     state=self._state,
                     fingerprint=self._fingerprint,
@@ -718,19 +752,19 @@ class Store:
 
     def _discard(self, slots: list[int]) -> None:
         try:
-            self._backend_.discard(slots)
+            self._backend.discard(slots)
         except BackendError as exc:
             self._log.error("giving back the space of freed slots failed: %s", exc)
 
     def _remember_slots(self, done: Batch) -> None:
         """Forget the slots a commit freed, remember the ones it wrote or read, and keep the
-        cache within `SLOT_CACHE_PAGES` (oldest first out)."""
+        cache within its bound (oldest first out)."""
         cache = self._slot_cache
         for slot in done.dead:
             cache.pop(slot, None)
         cache.update(done.new_data)
         cache.update(done.stored)
-        excess = len(cache) - SLOT_CACHE_PAGES
+        excess = len(cache) - self._slot_cache_pages
         if excess > 0:
             for slot in list(_first(cache, excess)):
                 del cache[slot]
@@ -743,7 +777,7 @@ class Store:
         self._commit_locked()
         if self.volatile is None and self._unsynced:
             try:
-                self._meta_.sync()
+                self._meta.sync()
             except SyncFailed as exc:
                 self._broken = exc
                 raise
@@ -757,7 +791,7 @@ class Store:
     def statistics(self) -> Statistics:
         """Usage as of the last commit (pending pages are not counted)."""
         with self._lock:
-            return statistics_of(self._meta_, self.config, self._state)
+            return statistics_of(self._meta, self.config, self._state)
 
     def check(
         self,
@@ -772,10 +806,10 @@ class Store:
             if repair:
                 self._check_writable()
             self._commit_locked()
-            meta = self._meta_
+            meta = self._meta
             meta.drop_reader()
             result = run_checks(
-                meta, self._backend_, repair=repair, progress=progress, on_total=on_total
+                meta, self._backend, repair=repair, progress=progress, on_total=on_total
             )
             if result.repaired:
                 self.config, self._state = meta.read_header()
@@ -787,7 +821,7 @@ class Store:
     def lost_pages(self) -> list[int]:
         """Pages that read as EIO (see "Repair" in the format), in order."""
         with self._lock:
-            meta = self._meta_
+            meta = self._meta
             lost: list[int] = []
             with damaged_metadata(self.path), meta.env.begin(buffers=True) as txn:
                 for key, chunk in txn.cursor(db=meta.map):
