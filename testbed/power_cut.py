@@ -20,8 +20,8 @@ bench/power_cut.py.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import random
 import shlex
 from collections import Counter
 from pathlib import Path
@@ -124,8 +124,10 @@ class Cycle:
 
     def summary(self) -> str:
         verdict = "FAILED" if self.failures else "inconclusive" if self.inconclusive else "ok"
+        flushed_at = self.verdict.get("last_flush_seconds")
+        since = "" if flushed_at is None else f" {self.kill_delay - flushed_at:.1f} s before"
         return (
-            f"seed {self.seed}: cut {self.kill_delay:.1f} s in, last flush at op "
+            f"seed {self.seed}: cut {self.kill_delay:.1f} s in, last flush{since} at op "
             f"{self.verdict['last_flush']} ({self.verdict['flushes']} flushes), opened "
             f"{'yes' if self.opened else 'no'}, clean {'yes' if self.clean else 'no'}, "
             f"{self.pages_checked} pages, {self.bad_pages} bad, "
@@ -135,9 +137,11 @@ class Cycle:
 
 
 def kill_delay(seed: int) -> float:
-    """When the cut comes, in seconds after the writer's marker. (Not ``Random(seed)``: its first
-    draws for neighbouring seeds are close, and tests use neighbouring seeds.)"""
-    return random.Random(f"power cut {seed}").uniform(*KILL_WINDOW)
+    """When the cut comes, in seconds after the writer's marker. A hash, not ``Random(seed)``:
+    the first draws of neighbouring seeds (a test's cycles) are close to each other there."""
+    fraction = int.from_bytes(hashlib.sha256(f"power cut {seed}".encode()).digest()[:8]) / 2**64
+    low, high = KILL_WINDOW
+    return low + (high - low) * fraction
 
 
 def run_cycle(

@@ -141,8 +141,11 @@ def test_the_log_names_what_was_flushed(tmp_path: Path) -> None:
         read_log(str(log))
     first_flush = next(op.index for op in Workload(5, PAGES).ops() if op.flush_after)
     with log.open("a") as more:
-        more.write(f"F {BASELINE}\nF {first_flush}\nF 99")  # the last one torn by the cut
-    assert read_log(str(log))[1] == [BASELINE, first_flush]
+        more.write(f"F {BASELINE}\nF {first_flush}\nF 99 ")  # the last one torn by the cut
+    assert read_log(str(log))[1:] == ([BASELINE, first_flush], None)
+    with log.open("a") as more:
+        more.write("9.50\n")  # what the torn record was meant to say
+    assert read_log(str(log))[2] == 9.5
     with pytest.raises(LogError, match="no flush point"):
         expectations(5, PAGES, first_flush + 1)
     with pytest.raises(LogError, match="never started"):

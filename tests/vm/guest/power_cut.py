@@ -260,6 +260,7 @@ def write(
         _append(log, f"F {BASELINE}")
         workload = Workload(seed, size // PAGE_SIZE)
         started = time.monotonic()
+        writing: float | None = None  # when on_start was called
         flushes = 0
         with open_store(store_path) as store:
             for op in workload.ops():
@@ -268,13 +269,16 @@ def write(
                 if op.index == workload.prefill_ops:
                     print(f"power-cut: prefilled in {time.monotonic() - started:.1f} s", flush=True)
                     on_start()
+                    writing = time.monotonic()
                 apply(store, op, seed)
                 applied += 1
                 if op.commit_after and not op.flush_after:
                     store.commit()
                 if op.flush_after:
                     store.flush()
-                    _append(log, f"F {op.index}")
+                    # When, after the marker: shows how long before the cut the last flush was.
+                    after = "" if writing is None else f" {time.monotonic() - writing:.2f}"
+                    _append(log, f"F {op.index}{after}")
                     flushes += 1
                     if flushes % 10 == 0:
                         rate = applied / (time.monotonic() - started)
@@ -291,9 +295,10 @@ class LogError(Exception):
     """The log cannot say what was flushed: a harness failure, not a verdict on the store."""
 
 
-def read_log(log_path: str) -> tuple[dict[str, Any], list[int]]:
-    """The header and the flushed op indices. A last line without its newline (the cut came
-    while it was being appended) is ignored: its fsync never returned."""
+def read_log(log_path: str) -> tuple[dict[str, Any], list[int], float | None]:
+    """The header, the flushed op indices and the seconds after the marker at which the last
+    flush returned (None: before it). A last line without its newline (the cut came while it
+    was being appended) is ignored: its fsync never returned."""
     try:
         with open(log_path) as log:
             text = log.read()
@@ -305,10 +310,11 @@ def read_log(log_path: str) -> tuple[dict[str, Any], list[int]]:
     header: dict[str, Any] = json.loads(lines[0][2:])
     if header.get("version") != LOG_VERSION:
         raise LogError(f"{log_path}: log version {header.get('version')}, not {LOG_VERSION}")
-    flushed = [int(line[2:]) for line in lines[1:] if line.startswith("F ")]
-    if not flushed:
+    records = [line.split()[1:] for line in lines[1:] if line.startswith("F ")]
+    if not records:
         raise LogError(f"{log_path} has no flush record, not even the baseline")
-    return header, flushed
+    last_time = float(records[-1][1]) if len(records[-1]) > 1 else None
+    return header, [int(record[0]) for record in records], last_time
 
 
 @dataclass
@@ -448,13 +454,14 @@ def read_phase(store_path: str, seed: int, expected: Expectations) -> dict[str, 
 
 def verify(log_path: str) -> dict[str, Any]:
     """Everything boot 2 finds, as one JSON-able dict (see the module docstring)."""
-    header, flushed = read_log(log_path)
+    header, flushed, last_time = read_log(log_path)
     seed, store_path = int(header["seed"]), str(header["store"])
     expected = expectations(seed, int(header["size"]) // PAGE_SIZE, flushed[-1])
     result: dict[str, Any] = {
         "seed": seed,
         "flushes": len(flushed) - 1,
         "last_flush": expected.last_flush,
+        "last_flush_seconds": last_time,
         "window_end": expected.window_end,
     }
     phases: dict[str, Callable[[], dict[str, Any]]] = {
