@@ -353,6 +353,14 @@ def expectations(seed: int, pages: int, last_flush: int) -> Expectations:
     raise AssertionError("the stream of operations is endless")
 
 
+def _name(exc: BaseException) -> str:
+    """``StoreError``, ``lmdb.CorruptedError``, ``struct.error``: enough to tell them apart."""
+    kind = type(exc)
+    if kind.__module__ in ("builtins", "dedupblk.errors"):
+        return kind.__name__
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
 def _run_in_child(phase: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run ``phase`` in a forked child and return its dict, or ``{"error": ...}`` if it raised,
     died (an LMDB assertion aborts the process) or hung; the child's stderr tail comes along."""
@@ -365,7 +373,7 @@ def _run_in_child(phase: Callable[[], dict[str, Any]]) -> dict[str, Any]:
             try:
                 out = phase()
             except BaseException as exc:  # every failure is part of the verdict
-                out = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+                out = {"error": f"{_name(exc)}: {exc}", "traceback": traceback.format_exc()}
             data = json.dumps(out).encode()
             while data:
                 data = data[os.write(writer, data) :]
@@ -426,14 +434,14 @@ def read_phase(store_path: str, seed: int, expected: Expectations) -> dict[str, 
     try:
         store = open_store(store_path)
     except Exception as exc:  # a store that does not open is the verdict
-        return {"opened": False, "error": f"{type(exc).__name__}: {exc}"}
+        return {"opened": False, "error": f"{_name(exc)}: {exc}"}
     with store:
         for page in range(len(expected.as_of_flush)):
             should = describe(expected.as_of_flush[page])
             try:
                 data = store.read(page * PAGE_SIZE, PAGE_SIZE)
             except Exception as exc:  # counted; the next page is tried
-                example("unreadable", {"page": page, "error": f"{type(exc).__name__}: {exc}"})
+                example("unreadable", {"page": page, "error": f"{_name(exc)}: {exc}"})
                 continue
             content = decode(data, seed)
             if content is not None and content in expected.accepted[page]:
