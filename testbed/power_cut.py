@@ -63,7 +63,8 @@ class Cycle:
 
     @property
     def opened(self) -> bool:
-        return bool(self._read.get("opened")) and "error" not in self._read
+        """The store opened for writing (False also when the read pass died before saying)."""
+        return self._read.get("opened") is True
 
     @property
     def check_failures(self) -> list[str]:
@@ -104,7 +105,13 @@ class Cycle:
     @property
     def failures(self) -> list[str]:
         """Why the store broke its promise in this cycle; empty if it kept it."""
-        found = [] if self.opened else [f"the store did not open: {self._read.get('error')}"]
+        read = self._read
+        found: list[str] = []
+        if "opened" not in read:  # the read pass raised or died: opened or not, it is a failure
+            found.append(f"the read pass failed: {read.get('error')}")
+            found += [f"  | {line}" for line in read.get("stderr", "").strip().splitlines()[-3:]]
+        elif not self.opened:
+            found.append(f"the store did not open: {read.get('error')}")
         found += self.check_failures
         if self.bad_pages:
             found.append(
@@ -112,7 +119,7 @@ class Cycle:
                 f"{self.count('other_page')} another page's data, "
                 f"{self.count('unrecognised')} unrecognised, {self.count('unreadable')} unreadable"
             )
-            for kind, shown in self._read.get("examples", {}).items():
+            for kind, shown in read.get("examples", {}).items():
                 found += [f"  {kind}: {json.dumps(entry)}" for entry in shown]
         return found
 

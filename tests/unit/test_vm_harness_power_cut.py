@@ -1,17 +1,21 @@
 """The VM harness's power-cut pieces without a VM: a kept scratch image, the /export share, and
 SIGKILL of qemu once a marker appeared in the command's output (qemu replaced by a fake that
-plays the guest's side of the share)."""
+plays the guest's side of the share); and what `testbed.power_cut` makes of a cycle."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from testbed import vm as harness
-from testbed.vm import Harness, KernelImage, VMError, make_scratch_image
+from testbed.power_cut import Cycle, CycleError, run_cycle
+from testbed.vm import Harness, KernelImage, VMError, VMResult, make_scratch_image
+from tests.vm.guest.power_cut import RESULT_PREFIX
 
 # Plays a guest: announces the job, counts its boots in the last 8 bytes of the disk image
 # (/dev/vda), records its job.conf in /export, prints "started", then hangs if the command says
@@ -140,3 +144,92 @@ def test_wait_for_guest_kills_once_due(tmp_path: Path) -> None:
     outcome = harness._wait_for_guest(sleeper, tmp_path / "status", 60, kill)  # type: ignore[arg-type]
     assert outcome == harness._KILLED
     assert sleeper.returncode == -9
+
+
+# -- testbed.power_cut: what a cycle's verdict means -----------------------------------------
+
+
+def _verdict(read: dict[str, Any] | None = None, **phases: Any) -> dict[str, Any]:
+    counts = dict.fromkeys(("post_flush", "older", "other_page", "unrecognised", "unreadable"), 0)
+    return {
+        "seed": 1,
+        "flushes": 2,
+        "last_flush": 10,
+        "last_flush_seconds": 1.0,
+        "window_end": 20,
+        "check": {"problems": []},
+        "check_after": {"problems": []},
+        "read": {"opened": True, "pages": 8, "good": 8, **counts, "examples": {}, **(read or {})},
+        **phases,
+    }
+
+
+def _cycle(verdict: dict[str, Any]) -> Cycle:
+    return Cycle(1, 5.0, verdict, "", "", write_seconds=1.0, verify_seconds=1.0)
+
+
+def test_a_clean_cycle_passes_and_is_conclusive_once_post_flush_data_was_seen() -> None:
+    seen = _cycle(_verdict({"post_flush": 3}))
+    assert seen.failures == []
+    assert not seen.inconclusive
+    assert "ok" in seen.summary()
+    unseen = _cycle(_verdict())
+    assert unseen.failures == []
+    assert unseen.inconclusive
+
+
+@pytest.mark.parametrize(
+    "verdict",
+    [
+        _verdict({"older": 1, "good": 7}),
+        _verdict({"other_page": 1, "good": 7}),
+        _verdict({"unrecognised": 1, "good": 7}),
+        _verdict({"unreadable": 1, "good": 7}),
+        _verdict(check={"problems": ["index: index entry 00: slot 3 holds other data"]}),
+        _verdict(check_after={"error": "the process died of SIGABRT", "stderr": "IS_LEAF(mp)"}),
+        _verdict({"opened": False, "error": "NotAStore: no format record"}),
+        {**_verdict(), "read": {"error": "the process died of SIGSEGV"}},
+    ],
+    ids=[
+        "older",
+        "other-page",
+        "unrecognised",
+        "unreadable",
+        "check",
+        "check-died",
+        "no-open",
+        "read-died",
+    ],
+)
+def test_each_broken_promise_fails_the_cycle(verdict: dict[str, Any]) -> None:
+    cycle = _cycle(verdict)
+    assert cycle.failures
+    assert not cycle.inconclusive
+    assert "FAILED" in cycle.summary()
+
+
+class _ScriptedHarness:
+    """Stands in for `Harness`: each run returns the next of ``results``."""
+
+    def __init__(self, results: list[VMResult]) -> None:
+        self.repo_root = Path("/repo")
+        self._results = iter(results)
+
+    def run(self, command: str, **options: Any) -> VMResult:
+        return next(self._results)
+
+
+def _result(output: str, *, killed: bool) -> VMResult:
+    return VMResult(-9 if killed else 1, output, "", 1.0, 1.0, killed=killed)
+
+
+def test_a_cycle_without_a_verdict_is_a_harness_error(tmp_path: Path) -> None:
+    stopped = _ScriptedHarness([_result("Traceback: StoreFull", killed=False)])
+    with pytest.raises(CycleError, match=r"stopped .* before the cut"):
+        run_cycle(stopped, 7, tmp_path / "a")  # type: ignore[arg-type]
+    silent = _ScriptedHarness([_result("", killed=True), _result("no result", killed=False)])
+    with pytest.raises(CycleError, match="printed no result"):
+        run_cycle(silent, 7, tmp_path / "b")  # type: ignore[arg-type]
+    verdict = f"{RESULT_PREFIX}{json.dumps(_verdict({'post_flush': 1}))}\n"
+    fine = _ScriptedHarness([_result("", killed=True), _result(verdict, killed=False)])
+    assert run_cycle(fine, 7, tmp_path / "c").failures == []  # type: ignore[arg-type]
