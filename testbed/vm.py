@@ -23,6 +23,7 @@ or from a shell (prints the output, exits with the guest command's status)::
     python -m testbed.vm run -- 'fio --version && cat /proc/swaps'
     python -m testbed.vm run --console --scratch-mb 0 -- 'cat /proc/cmdline'
     python -m testbed.vm prepare           # only fetch the kernel and build the initramfs
+    python -m testbed.vm run --scratch-image disk.img --export out/ --kill-after started 10 -- CMD
 
 What the guest command gets:
 
@@ -42,6 +43,17 @@ What the guest command gets:
   live there, not on tmpfs (tmpfs can itself be swapped out to the device it backs).
 - With ``raw_disk_mb > 0`` (default 0; needs the scratch disk): a second sparse raw image, all
   zeros and unformatted, attached as virtio disk /dev/vdb: a block device for a store's slots.
+- With ``scratch_image=PATH`` (an image `make_scratch_image` made, or one an earlier boot left):
+  that file is /dev/vda instead of a fresh one, and it is kept. With ``cache=unsafe`` qemu
+  writes what the guest wrote to the disk into the image at once (into this machine's page
+  cache, which outlives qemu) and ignores the guest's flushes: what the guest had not yet
+  written back is lost when qemu is killed, as in a power cut, and the next boot sees the rest.
+- With ``export=DIR``: that host directory, writable, at ``/export`` (9p, uncached: a write is
+  on the host when it returns, and outlives a killed qemu).
+- With ``kill_after=(MARKER, SECONDS)``: qemu gets SIGKILL that many seconds after MARKER first
+  appears in the command's output (the guest must flush its stdout). The result then says
+  ``killed`` instead of a status; the guest's page cache, and whatever it had not written to its
+  disks, is gone.
 - Modules already loaded (no modprobe in the guest): ublk_drv, zram (one device, zram0), ext4,
   9p and their dependencies. ``/dev/ublk-control`` exists.
 
@@ -68,6 +80,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -143,6 +156,7 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroo
     || die "cannot mount the host root (9p tag hostroot)"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 vmout /out \
     || die "cannot mount the output share (9p tag vmout)"
+VM_EXPORT=0
 . /out/job.conf
 
 # The new root: a writable tmpfs holding a read-only bind of each top-level host directory.
@@ -152,6 +166,7 @@ for p in /host/* /host/.[!.]*; do
     [ -e "$p" ] || [ -L "$p" ] || continue
     n=${p#/host/}
     case "$n" in proc|sys|dev|tmp|run|scratch) continue ;; esac
+    [ "$n" = export ] && [ "$VM_EXPORT" = 1 ] && continue
     if [ -L "$p" ]; then
         ln -s "$(readlink "$p")" "$R/$n"
     elif [ -d "$p" ]; then
@@ -172,6 +187,10 @@ while read -r p; do
 done < /out/keep
 if [ "$VM_SCRATCH" = 1 ]; then
     mkdir "$R/scratch" && mount -t ext4 /dev/vda "$R/scratch" || die "cannot mount /scratch"
+fi
+if [ "$VM_EXPORT" = 1 ]; then
+    mkdir "$R/export" && mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 export \
+        "$R/export" || die "cannot mount /export (9p tag export)"
 fi
 mkdir "$R/.vm" && cp /out/job.sh "$R/.vm/job.sh" || die "cannot stage the job"
 
@@ -223,6 +242,9 @@ class VMResult:
     elapsed: float  # wall-clock seconds from starting qemu to its exit
     boot_seconds: float | None  # guest uptime when the command started (None if not reported)
     failed_boots: tuple[str, ...] = ()  # panic lines of boots discarded before the command ran
+    # qemu got SIGKILL from ``kill_after``: the command never reported a status, returncode is
+    # -SIGKILL and output is what it had written until then.
+    killed: bool = False
 
 
 @contextlib.contextmanager
@@ -524,6 +546,7 @@ class Harness:
         debug: Debug | None = None,
         raw_disk: Path | None = None,
         monitor: Path | None = None,
+        export: Path | None = None,
     ) -> list[str]:
         argv = [
             QEMU,
@@ -543,6 +566,12 @@ class Harness:
             "-virtfs",
             f"local,path={_qemu_value(share)},mount_tag=vmout,security_model=none,multidevs=remap",
         ]  # fmt: skip
+        if export is not None:
+            argv += [
+                "-virtfs",
+                f"local,path={_qemu_value(export)},mount_tag=export,security_model=none,"
+                "multidevs=remap",
+            ]
         if debug is not None:
             argv += ["-gdb", f"unix:{_qemu_value(debug.gdb_socket)},server=on,wait=off"]
         if monitor is not None:
@@ -570,6 +599,9 @@ class Harness:
         save_console: Path | None = None,
         debug: Debug | None = None,
         raw_disk_mb: int = 0,
+        scratch_image: Path | None = None,
+        export: Path | None = None,
+        kill_after: tuple[str, float] | None = None,
     ) -> VMResult:
         """Boot a VM, run ``command`` with /bin/sh in it, and return its status and output.
 
@@ -577,23 +609,37 @@ class Harness:
         the outcome (a timed-out guest's hung-task reports are longer than an error's tail).
         ``debug``: boot without KASLR (kernel addresses are the package's System.map) and serve
         qemu's gdb stub on a Unix socket, to look at a hung guest's CPUs from the host.
+        ``scratch_image``: boot with this image as /scratch (``scratch_mb`` is then ignored) and
+        leave it, changed, for the next boot. ``export``: a host directory the guest writes at
+        /export. ``kill_after=(marker, seconds)``: SIGKILL qemu that many seconds after
+        ``marker`` appears in the command's output, and return ``killed`` (see the module
+        docstring: a power cut).
 
         Raises VMTimeout (qemu killed) after ``timeout`` seconds, VMError if the guest panicked
         or powered off without reporting a status. Both messages end with the console's tail.
 
         A guest kernel that panics while booting, before the command started, is booted once more
-        (with a fresh scratch disk). Seen once in CI: ``Oops: int3`` in an initcall while the
+        (with a fresh scratch disk, or the same ``scratch_image``: nothing of the command's has
+        touched it yet). Seen once in CI: ``Oops: int3`` in an initcall while the
         kernel was patching its own text, the trapping byte already back to a nop in memory, which
         points at a vCPU running code another vCPU had just rewritten under TCG. Nothing of ours
         had run yet. The discarded boot is named on stderr and in ``VMResult.failed_boots``; a
         panic after the command started is always an error.
         """
-        if raw_disk_mb > 0 and scratch_mb <= 0:
+        if scratch_image is not None:
+            if not scratch_image.is_file():
+                raise VMError(f"scratch image {scratch_image} is not a file (make_scratch_image)")
+            scratch_mb = 0
+        if raw_disk_mb > 0 and scratch_mb <= 0 and scratch_image is None:
             raise VMError("a raw disk (/dev/vdb) needs the scratch disk (/dev/vda) before it")
-        disks = _Disks(scratch_mb, raw_disk_mb)
+        if export is not None and not export.is_dir():
+            raise VMError(f"export {export} is not a directory")
+        disks = _Disks(scratch_mb, raw_disk_mb, scratch_image, export)
         failed_boots: list[str] = []
         while True:
-            result = self._boot(command, timeout, memory_mb, disks, env, save_console, debug)
+            result = self._boot(
+                command, timeout, memory_mb, disks, env, save_console, debug, kill_after
+            )
             panic = [line for line in result.console.splitlines() if _PANIC_MARKER in line]
             if not panic:
                 break
@@ -607,6 +653,16 @@ class Harness:
                 continue
             raise VMError(
                 f"the guest kernel panicked ({panic[0].strip()}):\n{_tail(result.console)}"
+            )
+        if result.killed:
+            return VMResult(
+                returncode=-signal.SIGKILL,
+                output=result.output,
+                console=result.console,
+                elapsed=result.elapsed,
+                boot_seconds=result.boot_seconds,
+                failed_boots=tuple(failed_boots),
+                killed=True,
             )
         if not result.status.isdigit():
             raise VMError(
@@ -631,8 +687,10 @@ class Harness:
         env: Mapping[str, str] | None,
         save_console: Path | None = None,
         debug: Debug | None = None,
+        kill_after: tuple[str, float] | None = None,
     ) -> _Boot:
-        """One VM from start to power-off; VMTimeout if it outlives ``timeout``."""
+        """One VM from start to power-off (or to its SIGKILL by ``kill_after``); VMTimeout if it
+        outlives ``timeout``."""
         keep = [
             str(self.repo_root) for owned in _GUEST_OWNED if self.repo_root.is_relative_to(owned)
         ]
@@ -640,10 +698,13 @@ class Harness:
             work = Path(tmp)
             share = work / "share"
             share.mkdir()
-            (share / "job.conf").write_text(f"VM_SCRATCH={int(disks.scratch_mb > 0)}\n")
+            (share / "job.conf").write_text(
+                f"VM_SCRATCH={int(disks.scratch_mb > 0 or disks.scratch_image is not None)}\n"
+                f"VM_EXPORT={int(disks.export is not None)}\n"
+            )
             (share / "keep").write_text("".join(f"{path}\n" for path in keep))
             (share / "job.sh").write_text(_job_script(command, env, self.repo_root))
-            scratch = raw_disk = None
+            scratch, raw_disk = disks.scratch_image, None
             if disks.scratch_mb > 0:
                 scratch = work / "scratch.img"
                 _make_scratch_image(scratch, disks.scratch_mb)
@@ -655,14 +716,18 @@ class Harness:
             started = time.monotonic()
             with console_path.open("wb") as console_file:
                 qemu = subprocess.Popen(
-                    self.qemu_argv(share, scratch, memory_mb, debug, raw_disk, monitor),
+                    self.qemu_argv(
+                        share, scratch, memory_mb, debug, raw_disk, monitor, disks.export
+                    ),
                     stdin=subprocess.DEVNULL,
                     stdout=console_file,
                     stderr=subprocess.STDOUT,
                 )
                 dumped = False
+                kill = _KillAfterMarker(share / "output", *kill_after) if kill_after else None
                 try:
-                    finished = _wait_for_guest(qemu, share / "status", timeout)
+                    outcome = _wait_for_guest(qemu, share / "status", timeout, kill)
+                    finished = outcome != _TIMED_OUT
                     # A command that hangs, not a boot that did (that console says enough).
                     if (
                         not finished
@@ -694,6 +759,7 @@ class Harness:
                 elapsed=time.monotonic() - started,
                 boot_seconds=float(boot.group(1)) if boot else None,
                 qemu_exit=qemu.returncode,
+                killed=outcome == _KILLED,
             )
 
 
@@ -706,10 +772,13 @@ class Debug:
 
 @dataclasses.dataclass(frozen=True)
 class _Disks:
-    """Sizes of the disks each boot gets afresh (0: none)."""
+    """Sizes of the disks each boot gets afresh (0: none), the scratch image to use instead of
+    a fresh one, and the host directory exported at /export."""
 
     scratch_mb: int
     raw_disk_mb: int
+    scratch_image: Path | None = None
+    export: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -722,6 +791,7 @@ class _Boot:
     elapsed: float
     boot_seconds: float | None  # None: the command never started
     qemu_exit: int
+    killed: bool = False  # by ``kill_after``
 
 
 # SysRq keys pressed (through qemu's monitor) in a guest that outlived its timeout, so that its
@@ -751,11 +821,60 @@ def _ask_for_stacks(monitor: Path) -> bool:
     return True
 
 
-def _wait_for_guest(qemu: subprocess.Popen[bytes], status: Path, timeout: float) -> bool:
+class _KillAfterMarker:
+    """When to SIGKILL qemu: ``delay`` seconds after ``marker`` first appears in ``output`` (the
+    command's output file, which the guest appends to over 9p). Reads only what was appended
+    since the last look; a marker split across two appends is still found."""
+
+    def __init__(self, output: Path, marker: str, delay: float) -> None:
+        if not marker:
+            raise VMError("kill_after needs a non-empty marker")
+        self._output = output
+        self._marker = marker.encode()
+        self._delay = delay
+        self._offset = 0
+        self._carry = b""  # the end of what was read, in case the marker straddles two reads
+        self.kill_at: float | None = None  # set once the marker was seen
+
+    def due(self, now: float) -> bool:
+        if self.kill_at is None:
+            if not self._marker_seen():
+                return False
+            self.kill_at = now + self._delay
+        return now >= self.kill_at
+
+    def _marker_seen(self) -> bool:
+        try:
+            with self._output.open("rb") as output:
+                output.seek(self._offset)
+                chunk = output.read()
+        except FileNotFoundError:
+            return False
+        self._offset += len(chunk)
+        window = self._carry + chunk
+        if self._marker in window:
+            return True
+        self._carry = window[len(window) - len(self._marker) + 1 :]
+        return False
+
+
+# What `_wait_for_guest` saw.
+_FINISHED = "finished"  # qemu exited, or the guest reported its status
+_TIMED_OUT = "timed out"
+_KILLED = "killed"  # by a `_KillAfterMarker`
+
+
+def _wait_for_guest(
+    qemu: subprocess.Popen[bytes],
+    status: Path,
+    timeout: float,
+    kill: _KillAfterMarker | None = None,
+) -> str:
     """Wait until qemu exits or, once the guest has written ``status``, a short grace period.
 
-    False if ``timeout`` passed first. A guest that reported its status but does not power off
-    (a device hung at shutdown) costs the grace period, not the whole timeout.
+    `_TIMED_OUT` if ``timeout`` passed first. A guest that reported its status but does not
+    power off (a device hung at shutdown) costs the grace period, not the whole timeout. With
+    ``kill``, qemu gets SIGKILL when it is due (unless the status came first): `_KILLED`.
     """
     deadline = time.monotonic() + timeout
     power_off_deadline: float | None = None
@@ -764,17 +883,27 @@ def _wait_for_guest(qemu: subprocess.Popen[bytes], status: Path, timeout: float)
         if power_off_deadline is None and status.exists():
             power_off_deadline = now + _POWER_OFF_GRACE
         if power_off_deadline is not None and now > power_off_deadline:
-            return True
+            return _FINISHED
+        if power_off_deadline is None and kill is not None and kill.due(now):
+            qemu.kill()
+            qemu.wait()
+            return _KILLED
         if now > deadline:
-            return status.exists()
+            return _FINISHED if status.exists() else _TIMED_OUT
         time.sleep(0.1)
-    return True
+    return _FINISHED
 
 
 def _make_sparse_image(path: Path, size_mb: int) -> None:
     """A raw image of ``size_mb`` MiB of zeros that takes no space until written."""
     with path.open("wb") as image:
         image.truncate(size_mb << 20)
+
+
+def make_scratch_image(path: Path, size_mb: int) -> None:
+    """Make ``path`` a sparse raw image of ``size_mb`` MiB holding an empty ext4, for
+    ``Harness.run(scratch_image=path)``: boots that use it in turn see each other's writes."""
+    _make_scratch_image(path, size_mb)
 
 
 def _make_scratch_image(path: Path, size_mb: int) -> None:
@@ -806,6 +935,9 @@ def run_in_vm(
     scratch_mb: int = 512,
     env: dict[str, str] | None = None,
     raw_disk_mb: int = 0,
+    scratch_image: Path | None = None,
+    export: Path | None = None,
+    kill_after: tuple[str, float] | None = None,
 ) -> VMResult:
     """Prepare the harness if needed and run ``command`` in a fresh VM (see ``Harness.run``)."""
     return Harness.prepare().run(
@@ -815,7 +947,18 @@ def run_in_vm(
         scratch_mb=scratch_mb,
         env=env,
         raw_disk_mb=raw_disk_mb,
+        scratch_image=scratch_image,
+        export=export,
+        kill_after=kill_after,
     )
+
+
+def _kill_after(words: list[str]) -> tuple[str, float]:
+    marker, seconds = words
+    try:
+        return marker, float(seconds)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--kill-after: {seconds!r} is not seconds") from None
 
 
 def _env_pair(pair: str) -> tuple[str, str]:
@@ -839,6 +982,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--scratch-mb", type=int, default=512, help="ext4 /scratch size, 0 for none")
     run.add_argument("--raw-disk-mb", type=int, default=0, help="unformatted /dev/vdb, 0 for none")
     run.add_argument(
+        "--scratch-image",
+        type=Path,
+        metavar="FILE",
+        help="use (and keep) this image as /scratch; made with --scratch-mb MiB if missing",
+    )
+    run.add_argument("--export", type=Path, metavar="DIR", help="host DIR, writable, at /export")
+    run.add_argument(
+        "--kill-after",
+        nargs=2,
+        metavar=("MARKER", "SECONDS"),
+        help="SIGKILL qemu SECONDS after MARKER appears in the output (exit 137)",
+    )
+    run.add_argument(
         "-e", "--env", action="append", default=[], type=_env_pair, metavar="NAME=VALUE"
     )
     run.add_argument("--console", action="store_true", help="print the console log to stderr")
@@ -859,6 +1015,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"kernel {harness.kernel.release}: {harness.kernel.vmlinuz}")
             print(f"initramfs: {harness.initramfs}")
             return 0
+        if args.scratch_image is not None and not args.scratch_image.exists():
+            make_scratch_image(args.scratch_image, args.scratch_mb)
         result = harness.run(
             " ".join(args.command),
             timeout=args.timeout,
@@ -868,19 +1026,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             save_console=args.save_console,
             debug=Debug(args.gdb) if args.gdb else None,
             raw_disk_mb=args.raw_disk_mb,
+            scratch_image=args.scratch_image,
+            export=args.export,
+            kill_after=_kill_after(args.kill_after) if args.kill_after else None,
         )
-    except VMError as error:
+    except (VMError, argparse.ArgumentTypeError) as error:
         print(f"vm harness: {error}", file=sys.stderr)
         return 125
     if args.console:
         sys.stderr.write(result.console)
     sys.stdout.write(result.output)
     boot = f"{result.boot_seconds:.1f} s" if result.boot_seconds is not None else "?"
-    print(
-        f"vm harness: exit {result.returncode}, boot {boot}, total {result.elapsed:.1f} s",
-        file=sys.stderr,
-    )
-    return result.returncode
+    end = "killed (SIGKILL)" if result.killed else f"exit {result.returncode}"
+    print(f"vm harness: {end}, boot {boot}, total {result.elapsed:.1f} s", file=sys.stderr)
+    return 128 + signal.SIGKILL if result.killed else result.returncode
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import re
 import time
+from pathlib import Path
 
 import pytest
 
-from testbed.vm import Harness, VMTimeout
+from testbed.vm import Harness, VMTimeout, make_scratch_image
 
 # Each check announces itself, so a failure (set -e: exit 1) names the last one announced.
 _GUEST_CHECKS = r"""
@@ -60,3 +61,43 @@ def test_a_command_that_outlives_its_timeout_gets_sysrq_dumps(vm: Harness) -> No
     for header in ("sysrq: Show Blocked State", "sysrq: Show backtrace of all active CPUs",
                    "sysrq: Show Memory", "Mem-Info:"):  # fmt: skip
         assert header in message, message
+
+
+# Boot 1 of a power cut, in small: one file synced, one still in the page cache (writeback and
+# the journal commit held off for a minute), a line on the host's /export, then the kill.
+_BEFORE_THE_CUT = r"""
+set -eu
+mount -o remount,commit=60 /scratch
+echo 6000 > /proc/sys/vm/dirty_expire_centisecs
+echo 6000 > /proc/sys/vm/dirty_writeback_centisecs
+echo kept > /scratch/kept
+sync
+echo lost > /scratch/lost
+echo logged > /export/log
+echo "cut me now"
+sleep 600
+"""
+
+
+def test_a_kill_keeps_what_reached_the_disk_and_the_export(vm: Harness, tmp_path: Path) -> None:
+    image, export = tmp_path / "disk.img", tmp_path / "export"
+    export.mkdir()
+    make_scratch_image(image, 64)
+    cut = vm.run(
+        _BEFORE_THE_CUT,
+        scratch_image=image,
+        export=export,
+        kill_after=("cut me now", 1),
+        timeout=300,
+    )
+    assert cut.killed, cut.output
+    assert cut.returncode == -9
+    assert (export / "log").read_text() == "logged\n"
+    after = vm.run(
+        "cat /scratch/kept; test -e /scratch/lost || echo lost is gone; cat /export/log",
+        scratch_image=image,
+        export=export,
+        timeout=300,
+    )
+    assert after.output == "kept\nlost is gone\nlogged\n", after.output
+    assert not after.killed
