@@ -13,11 +13,13 @@ import argparse
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .errors import DedupblkError, InvalidRequest
 from .store import PAGE_SIZE, create_store, open_store
 
 HOT_CONTENTS = 64
@@ -71,8 +73,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per workload (median)")
     parser.add_argument("--dir", default=None, help="where to make the stores (not tmpfs)")
     args = parser.parse_args(argv)
+    for name in ("pages", "rounds"):
+        if getattr(args, name) < 1:
+            raise InvalidRequest(f"--{name} {getattr(args, name)}: must be at least 1")
     base = args.dir or os.environ.get("DEDUPBLK_BENCH_DIR") or "/var/tmp"
-    with tempfile.TemporaryDirectory(prefix="dedupblk-bench-", dir=base) as directory:
+    try:
+        workspace = tempfile.TemporaryDirectory(prefix="dedupblk-bench-", dir=base)
+    except OSError as exc:
+        raise InvalidRequest(f"cannot make a directory in {base}: {exc.strerror}") from None
+    with workspace as directory:
         print(
             f"in-process store, {args.pages} random 4 KiB pages per run, "
             f"median of {args.rounds} rounds, stores under {base}"
@@ -92,5 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _main() -> int:
+    """`main` as a program (``python -m dedupblk.bench``): a deliberate error is one line."""
+    try:
+        return main()
+    except DedupblkError as exc:
+        print(f"dedupblk bench: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(_main())

@@ -1,20 +1,24 @@
 """The ``dedupblk`` command: parse, call the store or a frontend, format.
 
-Errors are translated in one place (`_Group.invoke`): a `StoreError` becomes one line on stderr
-and its exit code; anything else is a bug and keeps its traceback.
+Errors are translated in one place (`_Group.invoke`): a `DedupblkError` becomes one line on
+stderr and its exit code, and so does a failed write to stdout (a full disk, a closed pipe: see
+`_OutputFailed`); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Final
 
 import click
+from click.core import ParameterSource
 
 from .errors import DedupblkError, InvalidRequest
 from .sizes import parse_size
@@ -24,14 +28,56 @@ from .store.format import DEFAULT_MAX_SHARE, FINGERPRINT_NAMES, FORMAT_VERSION
 from .store.upgrade import upgrade_store
 from .ublk.abi import MAX_NR_QUEUES, MAX_QUEUE_DEPTH
 
+# `dump` reads and writes this much at a time: its memory stays bounded whatever LENGTH is.
+DUMP_CHUNK: Final = 1 << 20
+
+
+class _OutputFailed(Exception):
+    """Writing to stdout failed (the OSError is chained): its reader went away or its file is
+    full. Raised by `_echo` and `_write_stdout`, reported by `_Group.invoke`."""
+
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            _flush_stdout()
         except DedupblkError as exc:
             click.echo(f"dedupblk: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except _OutputFailed as exc:
+            # What is left in stdout's buffer would fail again when Python flushes it at exit.
+            with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            cause = exc.__cause__
+            reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause
+            click.echo(f"dedupblk: cannot write to stdout: {reason}", err=True)
+            ctx.exit(1)
+        return result
+
+
+def _echo(text: str) -> None:
+    """`click.echo` to stdout; a failure to write is `_OutputFailed`."""
+    try:
+        click.echo(text)
+    except OSError as exc:
+        raise _OutputFailed from exc
+
+
+def _write_stdout(data: bytes) -> None:
+    try:
+        sys.stdout.buffer.write(data)
+    except OSError as exc:
+        raise _OutputFailed from exc
+
+
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except OSError as exc:
+        raise _OutputFailed from exc
 
 
 class SizeType(click.ParamType[int, Any]):
@@ -123,7 +169,7 @@ def create(
         reuse_backend=reuse_backend,
         overwrite_backend=overwrite_backend,
     )
-    click.echo(f"created {store}: {size} bytes" + (", preallocated" if preallocate else ""))
+    _echo(f"created {store}: {size} bytes" + (", preallocated" if preallocate else ""))
 
 
 @main.command()
@@ -251,11 +297,21 @@ def _progress(
 @click.option("--frontend", type=click.Choice(["nbd", "ublk"]), default="nbd", show_default=True)
 @click.option("--socket", "socket_path", type=click.Path(), help="nbd: Unix socket path.")
 @click.option("--port", type=click.IntRange(1, 65535), help="nbd: serve TCP on this port.")
-@click.option("--bind", help="nbd: TCP address (default localhost).")
+@click.option("--bind", help="nbd: TCP address (default localhost; others need TLS).")
 @click.option("--readonly", is_flag=True, help="nbd: serve read-only.")
 @click.option("--foreground", is_flag=True, help="nbd: stay in the foreground.")
-@click.option("--tls", type=click.Choice(["off", "on", "require"]), help="nbd: nbdkit --tls.")
+@click.option(
+    "--tls",
+    type=click.Choice(["off", "on", "require"]),
+    help="nbd: nbdkit --tls (default: require when certificates or a PSK file are given).",
+)
 @click.option("--tls-certificates", type=click.Path(), help="nbd: nbdkit --tls-certificates.")
+@click.option("--tls-psk", type=click.Path(), help="nbd: nbdkit --tls-psk (user:hexkey lines).")
+@click.option(
+    "--tcp-without-tls-for-every-local-user",
+    is_flag=True,
+    help="nbd: serve --port on loopback without TLS, where every local user can read and write.",
+)
 @click.option(
     "--queues",
     type=click.IntRange(1, MAX_NR_QUEUES),
@@ -274,10 +330,16 @@ def _progress(
 @click.option("--swap", is_flag=True, help="ublk: mkswap and swapon the device.")
 @click.option("--swap-priority", type=int, help="ublk: swapon priority.")
 @click.option("--swap-discard", is_flag=True, help="ublk: swapon --discard.")
+@click.option(
+    "--swap-placement-may-hang",
+    is_flag=True,
+    help="ublk: with --swap, accept slots in a file or metadata on a disk (can hang the machine).",
+)
 @click.option("--recover", type=click.IntRange(min=0), help="ublk: reattach to this device id.")
-def serve(store: str, frontend: str, **options: Any) -> None:
+@click.pass_context
+def serve(ctx: click.Context, /, store: str, frontend: str, **options: Any) -> None:
     """Serve STORE as a block device over NBD (nbdkit) or ublk."""
-    nbd_only = ("socket_path", "port", "bind", "readonly", "foreground", "tls", "tls_certificates")
+    _refuse_other_frontend_options(ctx, frontend)
     if frontend == "nbd":
         from .nbd import launcher  # noqa: PLC0415  (frontends load only when served)
 
@@ -290,11 +352,10 @@ def serve(store: str, frontend: str, **options: Any) -> None:
             foreground=options["foreground"],
             tls=options["tls"],
             tls_certificates=options["tls_certificates"],
+            tls_psk=options["tls_psk"],
+            tcp_without_tls_for_every_local_user=options["tcp_without_tls_for_every_local_user"],
         )
     else:
-        given = [name for name in nbd_only if options[name]]
-        if given:
-            raise InvalidRequest(f"--{given[0].replace('_', '-')} is an nbd option")
         from .frontends import ublk  # noqa: PLC0415
 
         code = ublk.serve(
@@ -305,9 +366,39 @@ def serve(store: str, frontend: str, **options: Any) -> None:
             swap=options["swap"],
             swap_priority=options["swap_priority"],
             swap_discard=options["swap_discard"],
+            swap_placement_may_hang=options["swap_placement_may_hang"],
             recover=options["recover"],
         )
     sys.exit(code)
+
+
+_FRONTEND_ONLY: Final = {
+    "nbd": frozenset({
+        "socket_path", "port", "bind", "readonly", "foreground", "tls", "tls_certificates",
+        "tls_psk", "tcp_without_tls_for_every_local_user",
+    }),
+    "ublk": frozenset({
+        "queues", "depth", "dev_id", "swap", "swap_priority", "swap_discard",
+        "swap_placement_may_hang", "recover",
+    }),
+}  # fmt: skip
+
+
+def _refuse_other_frontend_options(ctx: click.Context, frontend: str) -> None:
+    """Refuse every option of the other frontend given on the command line (a default is not
+    given: `--queues` has one whatever the frontend)."""
+    other = "ublk" if frontend == "nbd" else "nbd"
+    given = [
+        param.opts[0]
+        for param in ctx.command.params
+        if param.name in _FRONTEND_ONLY[other]
+        and ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE
+    ]
+    if given:
+        raise InvalidRequest(
+            f"{', '.join(given)}: {'an option' if len(given) == 1 else 'options'} of "
+            f"--frontend {other}, not {frontend}"
+        )
 
 
 @main.command()
@@ -352,17 +443,23 @@ def bench(args: tuple[str, ...]) -> None:
 def dump(store: str, offset: int, length: int) -> None:
     """Write LENGTH bytes of the device at OFFSET to stdout (for scripts)."""
     with open_store(store, readonly=True) as opened:
-        sys.stdout.buffer.write(opened.read(offset, length))
+        if offset + length > opened.size:
+            raise InvalidRequest(
+                f"bytes {offset}-{offset + length - 1} are outside the device ({opened.size} bytes)"
+            )
+        end = offset + length
+        for start in range(offset, end, DUMP_CHUNK):
+            _write_stdout(opened.read(start, min(DUMP_CHUNK, end - start)))
 
 
 def _print(record: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(record, indent=2))
+        _echo(json.dumps(record, indent=2))
         return
     width = max(len(key) for key in record)
     for key, value in record.items():
         shown = f"{value:.2f}" if isinstance(value, float) else str(value)
-        click.echo(f"{key:<{width}}  {shown}")
+        _echo(f"{key:<{width}}  {shown}")
 
 
 if __name__ == "__main__":

@@ -144,14 +144,15 @@ def serve(
     swap: bool = False,
     swap_priority: int | None = None,
     swap_discard: bool = False,
+    swap_placement_may_hang: bool = False,
     recover: int | None = None,
 ) -> int:
     """Serve the store at ``store_path`` as /dev/ublkbN until SIGTERM/SIGINT/SIGHUP; exit code.
 
     Prints the block device's path alone on a line of stdout once the device is started (and,
     with ``swap``, swap is on).  Raises `DedupblkError` (`InvalidRequest` for bad arguments or
-    an unsafe placement, `UblkError` for the kernel side) if serving cannot begin.  Must run in
-    the main thread.
+    an unsafe placement, which includes one measured to hang unless ``swap_placement_may_hang``;
+    `UblkError` for the kernel side) if serving cannot begin.  Must run in the main thread.
     """
     server = Server(
         queues=queues, depth=depth, dev_id=dev_id, swap=swap, swap_priority=swap_priority,
@@ -166,7 +167,7 @@ def serve(
         with open_store(store_path, group_commit=False) as store:
             check_placement(
                 store.path, store.backend_path, slots_preallocated=store.backend_preallocated,
-                swap=swap, serving_dev_id=recover,
+                swap=swap, serving_dev_id=recover, may_hang=swap_placement_may_hang,
             )  # fmt: skip
             return server.run(RequestHandler(store), size=store.size)
 

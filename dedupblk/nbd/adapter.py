@@ -16,12 +16,17 @@ Life cycle, in nbdkit's order (see nbdkit-plugin(3)):
   when `size=` is given and it is missing, then opens and closes it once, so that a missing,
   locked or mismatched store stops nbdkit with a one-line error before it serves anything.
 - `after_fork()`: opens the store for serving. An LMDB environment must not cross a fork, and
-  nbdkit forks into the background between `get_ready` and `after_fork`.
+  nbdkit forks into the background between `get_ready` and `after_fork`. With `control-fd=`, it
+  also starts the control thread (`NbdkitPlugin.stop_when_told`).
 - request callbacks (`pread`, `pwrite`, ...), from nbdkit's worker threads. There is one store for
   all connections; it is thread-safe and a flush makes every connection's writes durable, which
   is why `can_multi_conn` is true.
 - `cleanup()`: closes the store (flushing what is buffered and marking it clean) before nbdkit
-  exits.
+  exits. nbdkit calls it only once every connection is gone, and on SIGTERM an idle client
+  holds its connection until it sends a request or leaves: nbdkit 1.32 has no timeout. So when
+  `dedupblk serve` is told to stop it closes the control pipe, and the control thread closes the
+  store itself, asks nbdkit to shut down, and if connections still hold nbdkit after
+  `SHUTDOWN_GRACE_SECONDS`, ends the process (the store is closed by then: nothing is lost).
 
 Errors are translated in one place, `NbdkitPlugin.failure`: a `DedupblkError` becomes its `.errno`,
 anything else is a bug and becomes EIO with its traceback in nbdkit's error log. nbdkit then
@@ -32,9 +37,13 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
+import stat
+import threading
+import time
 import traceback
 from collections.abc import Callable
-from typing import Concatenate, Final, ParamSpec, Protocol, TypeVar
+from typing import Concatenate, Final, NoReturn, ParamSpec, Protocol, TypeVar
 
 from dedupblk.device import BlockDevice
 from dedupblk.errors import DedupblkError, NotAStore, StoreExists
@@ -69,6 +78,10 @@ MAXIMUM_BLOCK_SIZE: Final = 4 * 1024 * 1024
 # Capping it bounds the time one `nbdinfo --map` call over a large device holds the store's lock.
 MAXIMUM_EXTENTS_SPAN: Final = 1024 * 1024 * 1024
 
+# After the control pipe closes: how long nbdkit may take to end by itself (its connections
+# finish their requests and go) before the control thread ends the process.
+SHUTDOWN_GRACE_SECONDS: Final = 2.0
+
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -80,6 +93,8 @@ class NbdkitHost(Protocol):
     def set_error(self, err: int, /) -> None: ...
 
     def debug(self, msg: str, /) -> None: ...
+
+    def shutdown(self) -> None: ...
 
 
 class InternalError(Exception):
@@ -117,11 +132,16 @@ class Connection:
 class NbdkitPlugin:
     """One served store: the state behind every callback of one nbdkit process."""
 
-    def __init__(self, host: NbdkitHost) -> None:
+    def __init__(
+        self, host: NbdkitHost, *, exit_process: Callable[[int], NoReturn] = os._exit
+    ) -> None:
         self._host = host
+        self._exit_process = exit_process
         self._params: dict[str, object] = {}
         self._settings: Settings | None = None
         self._store: Store | None = None
+        # Held while the store closes: cleanup and the control thread may both try.
+        self._closing = threading.Lock()
 
     # ---- configuration (foreground, before serving) ----
 
@@ -144,6 +164,13 @@ class NbdkitPlugin:
 
     def get_ready(self) -> None:
         settings = self.settings
+        if settings.control_fd is not None:
+            try:
+                is_pipe = stat.S_ISFIFO(os.fstat(settings.control_fd).st_mode)
+            except OSError:
+                is_pipe = False
+            if not is_pipe:
+                raise ParameterError(f"control-fd={settings.control_fd}: not an open pipe")
         try:
             if settings.size is not None:
                 try:
@@ -180,11 +207,40 @@ class NbdkitPlugin:
         except DedupblkError as exc:
             raise ParameterError(str(exc)) from None
         self._host.debug(f"dedupblk: serving {settings.store} ({self._store.size} bytes)")
+        if settings.control_fd is not None:
+            threading.Thread(
+                target=self.stop_when_told,
+                args=(settings.control_fd,),
+                name="dedupblk-control",
+                daemon=True,
+            ).start()
 
     def cleanup(self) -> None:
-        store, self._store = self._store, None
-        if store is not None:
-            store.close()
+        self._close_store()
+
+    def _close_store(self) -> None:
+        # The store object stays: requests still in flight or arriving later get "the store is
+        # closed" (EIO), never an unopened store.
+        with self._closing:
+            if self._store is not None:
+                self._store.close()
+
+    def stop_when_told(self, control_fd: int) -> None:
+        """Wait until the control pipe's write end is closed (or anything is written to it),
+        then close the store, shut nbdkit down, and end the process if connections still hold
+        it after the grace period."""
+        os.read(control_fd, 1)
+        try:
+            self._close_store()
+        except Exception as exc:  # noqa: BLE001  (released anyway; the exit status says it failed)
+            trace = "".join(traceback.format_exception(exc, limit=64)).rstrip()
+            os.write(2, f"nbdkit: dedupblk: error: closing the store: {trace}\n".encode())
+            self._exit_process(1)
+        self._host.debug("dedupblk: told to stop; store closed")
+        self._host.shutdown()
+        time.sleep(SHUTDOWN_GRACE_SECONDS)
+        self._host.debug("dedupblk: clients still connected after the grace period; exiting")
+        self._exit_process(0)
 
     @property
     def device(self) -> BlockDevice:

@@ -9,6 +9,8 @@ checked together once all are in (`Settings.from_parameters`).
     max-share=N                with size=: most mappings one data slot may have
     readonly=BOOL              open the store read-only; the export refuses writes
     thread-model=serialize|parallel   nbdkit's thread model (default serialize; for benchmarks)
+    control-fd=N               (given by `dedupblk serve`) an inherited pipe's read end: when it
+                               is closed, the store is closed and nbdkit ended, idle clients or not
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ PARSERS: Final[dict[str, Callable[[str, str], object]]] = {
     "max-share": parse_count,
     "readonly": parse_bool,
     "thread-model": parse_thread_model,
+    "control-fd": parse_count,
 }
 
 
@@ -146,6 +149,7 @@ class Settings:
     max_share: int | None = None
     readonly: bool = False
     thread_model: str = DEFAULT_THREAD_MODEL
+    control_fd: int | None = None
 
     @classmethod
     def from_parameters(cls, params: dict[str, object]) -> Settings:
@@ -168,6 +172,7 @@ class Settings:
             max_share=_optional_int(params, "max-share"),
             readonly=params.get("readonly") is True,
             thread_model=str(params.get("thread-model", DEFAULT_THREAD_MODEL)),
+            control_fd=_optional_int(params, "control-fd"),
         )
 
 

@@ -26,6 +26,7 @@ def check_placement(
     slots_preallocated: bool,
     swap: bool,
     serving_dev_id: int | None,
+    may_hang: bool = False,
 ) -> None:
     """Refuse to serve a store whose files could need the device being served to be read.
 
@@ -34,8 +35,11 @@ def check_placement(
     - Never on the ublk device being served (``--recover N`` of the device the store is on).
     - With swap: never on tmpfs (its pages can be swapped out to this device) and never on any
       ublk device (a stacked server could itself be waiting for this one).
-    - With swap, warnings (not refusals) for a placement that can stall under memory pressure:
-      see "Swap placement" in docs/swap.md.
+    - With swap, unless ``may_hang`` accepts the risk: neither the metadata on a disk filesystem
+      (anything but ramfs) nor the slots in a file on one. Both were measured to hang the machine
+      under memory pressure (see "Swap placement" in docs/swap.md).
+    - With swap, warnings for what else can stall under memory pressure (a loop device; with
+      ``may_hang``, what makes the accepted placement worse).
     """
     for path in sorted({metadata, slots}):
         is_device = stat.S_ISBLK(os.stat(path).st_mode)
@@ -53,8 +57,28 @@ def check_placement(
                 f"{path} lives on ublk device(s) {', '.join(sorted(disks))}: a swap store must "
                 "not depend on another userspace server"
             )
+    if swap and not may_hang:
+        _refuse_swap_placement_that_may_hang(metadata, slots)
     if swap:
         _warn_swap_placement(metadata, slots, slots_preallocated=slots_preallocated)
+
+
+def _refuse_swap_placement_that_may_hang(metadata: str, slots: str) -> None:
+    """The two placements measured to hang: metadata on a disk, slots in a file on a disk."""
+    accept = "or accept the risk with --swap-placement-may-hang"
+    if filesystem_type(metadata) != RAMFS_MAGIC:
+        raise InvalidRequest(
+            f"{metadata} (the store's metadata) is not on ramfs: under memory pressure, writing "
+            "back its dirty pages can hang this swap device; create the store on ramfs "
+            f'(README, "Running as swap"), {accept}'
+        )
+    if not stat.S_ISBLK(os.stat(slots).st_mode) and filesystem_type(slots) != RAMFS_MAGIC:
+        raise InvalidRequest(
+            f"{slots} (the slots) is a file on a disk filesystem: its O_DIRECT I/O takes its bios "
+            "from the pool swap-outs take theirs from and can hang this swap device (3 runs in "
+            "59 did); put the slots on a block device (a partition, an LV, zram), "
+            f"{accept}"
+        )
 
 
 def _warn_swap_placement(metadata: str, slots: str, *, slots_preallocated: bool) -> None:

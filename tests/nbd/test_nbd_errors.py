@@ -97,6 +97,20 @@ def test_readonly_export_refuses_writes_with_eperm(nbd_server: ServerFactory) ->
     assert server.stop() == 0
 
 
+def test_readonly_export_accepts_flush(nbd_server: ServerFactory) -> None:
+    # nbdkit passes FLUSH on a read-only export to the plugin (only writes are refused), and
+    # a client may send one: it succeeds, with nothing to make durable.
+    server = nbd_server(1 << 20, params=["readonly=true"], nbdkit_args=["--readonly"])
+    h = nbd.NBD()
+    h.connect_uri(server.uri)
+    assert h.is_read_only() and h.can_flush()
+    h.flush()
+    assert h.pread(PAGE_SIZE, 0) == bytes(PAGE_SIZE)
+    h.shutdown()
+    assert server.stop() == 0
+    assert "Traceback" not in server.log.read_text()
+
+
 def test_requests_outside_the_device_fail_and_the_export_keeps_serving(
     nbd_server: ServerFactory,
 ) -> None:
@@ -134,6 +148,7 @@ def nbdkit_once(*params: str, cwd: Path | None = None) -> subprocess.CompletedPr
         (("store={tmp}/s", "store={tmp}/t"), "store= given twice"),
         (("store={tmp}/s", "size=1M", "max-share=0"), "bad max-share 0"),
         (("store={tmp}/existing", "size=2M"), "already exists with size 1048576"),
+        (("store={tmp}/new", "size=1e"), "more than 4294967294 slots"),
     ],
 )
 def test_bad_parameters_stop_nbdkit_with_one_line(

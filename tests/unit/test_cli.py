@@ -1,14 +1,21 @@
-"""The click CLI: commands, JSON shapes, exit codes and one-line errors."""
+"""The click CLI: commands, JSON shapes, exit codes, one-line errors (never a traceback, a full
+stdout included), options of the other frontend refused, and `dump` in bounded memory."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 from click.testing import CliRunner
 
+from dedupblk import cli
 from dedupblk.cli import main
 from dedupblk.store import Statistics, open_store
 from tests.conftest import rand_page
@@ -94,3 +101,190 @@ def test_dump_prints_device_bytes(tmp_path: Path) -> None:
         opened.write(P, rand_page(5))
     result = CliRunner().invoke(main, ["dump", store, "4096", "4096"])
     assert result.stdout_bytes == rand_page(5)
+
+
+def dedupblk(
+    *args: str, stdout: Any = subprocess.PIPE, limit_address_space: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The CLI as a program (a traceback would reach stderr here, unlike under CliRunner)."""
+
+    def limit() -> None:
+        if limit_address_space is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (limit_address_space, limit_address_space))
+
+    return subprocess.run(
+        [sys.executable, "-m", "dedupblk.cli", *args], stdout=stdout, stderr=subprocess.PIPE,
+        text=True, timeout=300, check=False, preexec_fn=limit,
+    )  # fmt: skip
+
+
+def assert_one_line(result: subprocess.CompletedProcess[str], code: int, message: str) -> None:
+    assert result.returncode == code, result
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("dedupblk") and message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (("create", "{tmp}/a", "--size", "1000000T"), 2, "more than 4294967294 slots"),
+        (("create", "{tmp}/b", "--size", "1M", "--backend-size", "1048576T"), 2,
+         "bad backend size"),
+        (("create", "{tmp}/c", "--size", "99999999999999999999T"), 2, "bad size"),
+        (("create", "{tmp}/d", "--size", "1M", "--max-index-entries", "99999999999999999999999"),
+         2, "bad max-index-entries"),
+        (("create", "{tmp}/e", "--size", "1M", "--backend", "/no/dir/x"), 1,
+         "cannot create backend /no/dir/x"),
+        (("bench", "--rounds", "0"), 2, "--rounds 0: must be at least 1"),
+        (("bench", "--pages", "0"), 2, "--pages 0: must be at least 1"),
+        (("bench", "--dir", "/missing"), 2, "cannot make a directory in /missing"),
+        (("dump", "{tmp}/s", "0", "2M"), 2, "outside the device"),
+    ],
+)  # fmt: skip
+def test_bad_values_are_one_line_never_a_traceback(
+    tmp_path: Path, args: tuple[str, ...], code: int, message: str
+) -> None:
+    run("create", str(tmp_path / "s"), "--size", "1M")
+    result = dedupblk(*(arg.format(tmp=tmp_path) for arg in args))
+    assert_one_line(result, code, message)
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "args", [("stats", "{store}"), ("stats", "{store}", "--json"), ("info", "{store}"),
+             ("dump", "{store}", "0", "64K")],
+)  # fmt: skip
+def test_a_full_stdout_is_one_line(tmp_path: Path, args: tuple[str, ...]) -> None:
+    store = str(tmp_path / "s")
+    run("create", store, "--size", "1M")
+    with open(os.devnull, "w") as null, open("/dev/full", "w") as full:
+        assert dedupblk("info", store, stdout=null).returncode == 0
+        result = dedupblk(*(arg.format(store=store) for arg in args), stdout=full)
+    assert_one_line(result, 1, "cannot write to stdout: No space left on device")
+
+
+def test_a_closed_pipe_is_one_line(tmp_path: Path) -> None:
+    store = str(tmp_path / "s")
+    run("create", store, "--size", "4M")
+    reader, writer = os.pipe()
+    os.close(reader)  # nobody reads: the write gets EPIPE (Python ignores SIGPIPE)
+    with os.fdopen(writer, "w") as pipe:
+        result = dedupblk("dump", store, "0", "4M", stdout=pipe)
+    assert_one_line(result, 1, "cannot write to stdout: Broken pipe")
+
+
+DEVICE = 1 << 30
+ADDRESS_SPACE = 256 << 20  # the interpreter, lmdb and the store need far less
+
+
+def test_dump_streams_in_bounded_memory(tmp_path: Path) -> None:
+    # A 1 GiB dump under a 256 MiB address-space limit: read in one piece it cannot fit.
+    store = str(tmp_path / "s")
+    run("create", store, "--size", "1G")
+    with open_store(store) as opened:
+        opened.write(DEVICE - P, rand_page(9))
+    with open(os.devnull, "w") as null:
+        result = dedupblk("dump", store, "0", "1G", stdout=null, limit_address_space=ADDRESS_SPACE)
+    assert result.returncode == 0, result.stderr
+
+
+def test_dump_in_chunks_gives_the_device_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = str(tmp_path / "s")
+    run("create", store, "--size", "1M")
+    with open_store(store) as opened:
+        opened.write(0, rand_page(1) + b"\x00" * P + rand_page(2) + rand_page(1))
+        expected = opened.read(100, 5 * P)
+    monkeypatch.setattr(cli, "DUMP_CHUNK", 5000)  # chunks that cut pages anywhere
+    result = CliRunner().invoke(main, ["dump", store, "100", str(5 * P)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout_bytes == expected
+
+
+UBLK_ONLY = [
+    ["--queues", "2"],
+    ["--depth", "8"],
+    ["--dev-id", "3"],
+    ["--swap"],
+    ["--swap-priority", "5"],
+    ["--swap-discard"],
+    ["--recover", "1"],
+    ["--swap-placement-may-hang"],
+    ["--queues", "1"],  # the default's value, given: still refused
+]
+NBD_ONLY = [
+    ["--socket", "/tmp/s.sock"], ["--port", "10809"], ["--bind", "::1"], ["--readonly"],
+    ["--foreground"], ["--tls", "require"], ["--tls-certificates", "/certs"],
+    ["--tls-psk", "/keys.psk"], ["--tcp-without-tls-for-every-local-user"],
+]  # fmt: skip
+
+
+def refuse_to_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dedupblk.frontends import ublk  # noqa: PLC0415
+    from dedupblk.nbd import launcher  # noqa: PLC0415
+
+    def fail(*args: object, **kwargs: object) -> int:
+        raise AssertionError("served")
+
+    monkeypatch.setattr(launcher, "serve", fail)
+    monkeypatch.setattr(ublk, "serve", fail)
+
+
+@pytest.mark.parametrize(
+    ("frontend", "option"),
+    [("nbd", option) for option in UBLK_ONLY] + [("ublk", option) for option in NBD_ONLY],
+)
+def test_options_of_the_other_frontend_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, frontend: str, option: list[str]
+) -> None:
+    refuse_to_serve(monkeypatch)
+    code, out, err = run("serve", str(tmp_path), "--frontend", frontend, *option)
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith(f"dedupblk: {option[0]}: an option of"), err
+    assert out == ""
+
+
+def test_every_option_of_the_other_frontend_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refuse_to_serve(monkeypatch)
+    code, _, err = run("serve", str(tmp_path), "--swap", "--dev-id", "3")  # nbd by default
+    assert code == 2
+    assert err == "dedupblk: --dev-id, --swap: options of --frontend ublk, not nbd\n"
+
+
+def test_defaults_of_the_other_frontend_are_not_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dedupblk.nbd import launcher  # noqa: PLC0415
+
+    served: list[dict[str, object]] = []
+
+    def record(store: str, **kwargs: object) -> int:
+        served.append(kwargs)
+        return 0
+
+    monkeypatch.setattr(launcher, "serve", record)
+    code, _, err = run("serve", str(tmp_path), "--frontend", "nbd", "--readonly")
+    assert code == 0, err
+    assert served[0]["readonly"] is True
+
+
+def test_the_swap_risk_reaches_the_ublk_frontend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dedupblk.frontends import ublk  # noqa: PLC0415
+
+    served: list[dict[str, object]] = []
+
+    def record(store: str, **kwargs: object) -> int:
+        served.append(kwargs)
+        return 0
+
+    monkeypatch.setattr(ublk, "serve", record)
+    for risk in ([], ["--swap-placement-may-hang"]):
+        code, _, err = run("serve", str(tmp_path), "--frontend", "ublk", "--swap", *risk)
+        assert code == 0, err
+    assert [s["swap_placement_may_hang"] for s in served] == [False, True]

@@ -4,9 +4,11 @@ reports, and a real store (or a fake that fails on purpose) sits behind it."""
 from __future__ import annotations
 
 import errno
+import os
 import random
 import runpy
 import sys
+import threading
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +39,7 @@ from dedupblk.store import (
     BackendError,
     InvalidRequest,
     ReadOnlyStore,
+    StoreError,
     StoreFull,
     check_store,
     create_store,
@@ -52,12 +55,16 @@ class FakeNbdkit:
     def __init__(self) -> None:
         self.errors: list[int] = []
         self.messages: list[str] = []
+        self.shutdowns = 0
 
     def set_error(self, err: int, /) -> None:
         self.errors.append(err)
 
     def debug(self, msg: str, /) -> None:
         self.messages.append(msg)
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
 
 
 def configured(host: FakeNbdkit, **params: str) -> NbdkitPlugin:
@@ -112,6 +119,7 @@ def test_every_parameter_is_parsed(host: FakeNbdkit, tmp_path: Path) -> None:
         max_share="9",
         readonly="yes",
         thread_model="parallel",
+        control_fd="7",
     )
     settings = plugin.settings
     assert settings.store == str(Path.cwd() / "relative" / "store")  # absolute before any chdir
@@ -119,6 +127,7 @@ def test_every_parameter_is_parsed(host: FakeNbdkit, tmp_path: Path) -> None:
     assert settings.backend == str(tmp_path / "b")
     assert (settings.max_index_entries, settings.max_share) == (1000, 9)
     assert settings.readonly is True
+    assert settings.control_fd == 7
     assert plugin.thread_model() == THREAD_MODEL_PARALLEL
 
 
@@ -225,6 +234,56 @@ def test_cleanup_closes_the_store_cleanly(host: FakeNbdkit, tmp_path: Path) -> N
     with open_store(tmp_path / "s", readonly=True) as store:
         assert store.read(0, 4) == b"\x01\x02\x01\x02"
     assert check_store(tmp_path / "s").problems == []
+
+
+def test_closing_the_control_pipe_closes_the_store_and_ends_nbdkit(
+    host: FakeNbdkit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `dedupblk serve` does on SIGTERM, when idle clients would keep nbdkit waiting."""
+    monkeypatch.setattr(nbdkit_adapter, "SHUTDOWN_GRACE_SECONDS", 0.0)
+    exited = threading.Event()
+    codes: list[int] = []
+
+    def exit_process(code: int) -> None:
+        codes.append(code)
+        exited.set()
+
+    read_end, write_end = os.pipe()
+    try:
+        plugin = NbdkitPlugin(host, exit_process=exit_process)  # type: ignore[arg-type]
+        for key, value in (("store", str(tmp_path / "s")), ("size", "1M"),
+                           ("control-fd", str(read_end))):  # fmt: skip
+            plugin.config(key, value)
+        plugin.config_complete()
+        plugin.get_ready()
+        plugin.after_fork()
+        h = plugin.open(False)
+        plugin.pwrite(h, memoryview(b"\x07" * PAGE_SIZE), 0, 0)  # pending, not committed
+        assert not exited.wait(timeout=0.2)  # the pipe is open: serving goes on
+        os.close(write_end)
+        write_end = -1
+        assert exited.wait(timeout=60)
+        assert codes == [0]
+        assert host.shutdowns == 1
+        with pytest.raises(StoreError, match="closed"):  # later requests: EIO
+            plugin.pread(h, memoryview(bytearray(PAGE_SIZE)), 0, 0)
+        assert host.errors == [errno.EIO]
+        plugin.cleanup()  # nbdkit's own, if it gets there: nothing left to do
+        with open_store(tmp_path / "s") as store:  # unlocked, and the write committed
+            assert store.read(0, PAGE_SIZE) == b"\x07" * PAGE_SIZE
+        assert check_store(tmp_path / "s").problems == []
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+
+
+def test_a_control_fd_that_is_not_a_pipe_is_refused(host: FakeNbdkit, tmp_path: Path) -> None:
+    create_store(tmp_path / "s", 1 << 20)
+    with open(tmp_path / "file", "w") as not_a_pipe:
+        plugin = configured(host, store=str(tmp_path / "s"), control_fd=str(not_a_pipe.fileno()))
+        with pytest.raises(ParameterError, match=r"control-fd=\d+: not an open pipe"):
+            plugin.get_ready()
 
 
 # ---- callbacks ------------------------------------------------------------------------------

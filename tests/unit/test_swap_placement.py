@@ -1,6 +1,8 @@
 """`check_placement` for a swap store: tmpfs refused; metadata on ramfs and slots on a block
-device accepted silently; slots in a file on a disk warned about (their O_DIRECT bios come from
-the pool swap-outs use), and more so when they can write back through page cache or journal."""
+device accepted silently; the two placements measured to hang (slots in a file on a disk, whose
+O_DIRECT bios come from the pool swap-outs use, and metadata on a disk) refused unless the risk
+is accepted in words, and then warned about, more so when they can write back through page cache
+or journal."""
 
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ from dedupblk.ublk.placement import mounted_with
 SIZE = 1 << 20
 
 
-def check_placement(store: Store, *, swap: bool, serving_dev_id: int | None) -> None:
+def check_placement(
+    store: Store, *, swap: bool, serving_dev_id: int | None, may_hang: bool = False
+) -> None:
     """The placement check `serve` makes, on an opened store's files."""
     check_paths(
         store.path,
@@ -27,6 +31,7 @@ def check_placement(store: Store, *, swap: bool, serving_dev_id: int | None) -> 
         slots_preallocated=store.backend_preallocated,
         swap=swap,
         serving_dev_id=serving_dev_id,
+        may_hang=may_hang,
     )
 
 
@@ -89,6 +94,42 @@ def test_slots_on_a_loop_device_are_warned_about(
     assert f"is a loop device over {image}" in warned[0]
 
 
+def test_slots_in_a_file_on_a_disk_are_refused_unless_the_risk_is_accepted(
+    mount: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    ramfs = mount("ramfs")  # type: ignore[operator]
+    disk = mount("ext4", "lazytime")  # type: ignore[operator]
+    create_store(str(ramfs / "s"), SIZE, backend=str(disk / "slots"), preallocate=True)
+    with open_store(str(ramfs / "s")) as store:
+        with pytest.raises(InvalidRequest, match="file on a disk filesystem") as refused:
+            check_placement(store, swap=True, serving_dev_id=None)
+        assert str(disk / "slots") in str(refused.value)
+        assert "--swap-placement-may-hang" in str(refused.value)
+        check_placement(store, swap=False, serving_dev_id=None)  # not swap: no hang to fear
+        with caplog.at_level(logging.WARNING):
+            check_placement(store, swap=True, serving_dev_id=None, may_hang=True)
+    assert len(caplog.records) == 1  # the risk accepted is still named
+
+
+def test_metadata_on_a_disk_is_refused_unless_the_risk_is_accepted(
+    mount: object, zram_device: str
+) -> None:
+    disk = mount("ext4", "lazytime")  # type: ignore[operator]
+    create_store(str(disk / "s"), SIZE, backend=zram_device, preallocate=True)  # slots: fine
+    with open_store(str(disk / "s")) as store:
+        with pytest.raises(InvalidRequest, match=r"metadata\) is not on ramfs") as refused:
+            check_placement(store, swap=True, serving_dev_id=None)
+        assert "--swap-placement-may-hang" in str(refused.value)
+        check_placement(store, swap=True, serving_dev_id=None, may_hang=True)
+
+
+def test_a_tmpfs_store_is_refused_even_with_the_risk_accepted(mount: object) -> None:
+    tmpfs = mount("tmpfs")  # type: ignore[operator]
+    create_store(str(tmpfs / "s"), SIZE)
+    with open_store(str(tmpfs / "s")) as store, pytest.raises(InvalidRequest, match="tmpfs"):
+        check_placement(store, swap=True, serving_dev_id=None, may_hang=True)
+
+
 def test_preallocated_slots_on_a_lazytime_disk_get_the_bio_pool_warning_only(
     mount: object, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -96,7 +137,7 @@ def test_preallocated_slots_on_a_lazytime_disk_get_the_bio_pool_warning_only(
     disk = mount("ext4", "lazytime")  # type: ignore[operator]
     create_store(str(ramfs / "s"), SIZE, backend=str(disk / "slots"), preallocate=True)
     with open_store(str(ramfs / "s")) as store, caplog.at_level(logging.WARNING):
-        check_placement(store, swap=True, serving_dev_id=None)
+        check_placement(store, swap=True, serving_dev_id=None, may_hang=True)
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1, warned
     assert str(disk / "slots") in warned[0] and "file on a disk filesystem" in warned[0]
@@ -109,7 +150,7 @@ def test_slots_on_a_disk_without_lazytime_are_warned_about(
     disk = mount("ext4")  # type: ignore[operator]
     create_store(str(ramfs / "s"), SIZE, backend=str(disk / "slots"), preallocate=True)
     with open_store(str(ramfs / "s")) as store, caplog.at_level(logging.WARNING):
-        check_placement(store, swap=True, serving_dev_id=None)
+        check_placement(store, swap=True, serving_dev_id=None, may_hang=True)
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 2, warned
     assert "file on a disk filesystem" in warned[0]
@@ -122,7 +163,7 @@ def test_metadata_on_a_disk_and_sparse_slots_are_warned_about(
     disk = mount("ext4", "lazytime")  # type: ignore[operator]
     create_store(str(disk / "s"), SIZE)
     with open_store(str(disk / "s")) as store, caplog.at_level(logging.WARNING):
-        check_placement(store, swap=True, serving_dev_id=None)
+        check_placement(store, swap=True, serving_dev_id=None, may_hang=True)
         warned = " | ".join(r.getMessage() for r in caplog.records)
         assert "is not on ramfs" in warned
         assert "not created with --preallocate" in warned
