@@ -202,6 +202,48 @@ def stats(store: str, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@click.option("--size", type=SIZE, help="Device size (default: the image's, rounded up to 4K).")
+@click.option(
+    "--max-share",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_SHARE,
+    show_default=True,
+    help="Most pages that may share one slot.",
+)
+@click.option(
+    "--temp-dir",
+    type=click.Path(exists=True, file_okay=False),
+    help="Where sorted fingerprints go, 8 bytes a data page (default: TMPDIR).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (raw integers).")
+def estimate(
+    image: str, size: int | None, max_share: int, temp_dir: str | None, as_json: bool
+) -> None:
+    """What a store would hold if IMAGE (a file or block device) were imported into it.
+
+    Reads IMAGE once, in bounded memory, and prints the `stats` the store would show: pages,
+    zero and same-filled pages, stored pages, savings and the metadata it would cost.
+    """
+    from .estimate import describe, estimate_image  # noqa: PLC0415  (loaded for this command)
+
+    with _progress("reading", enabled=not as_json) as (progress, on_total):
+        result = estimate_image(
+            image,
+            size=size,
+            max_share=max_share,
+            temp_dir=temp_dir,
+            progress=progress,
+            on_total=on_total,
+        )
+    if as_json:
+        click.echo(json.dumps(result.record(), indent=2))
+        return
+    for line in describe(result):
+        click.echo(line)
+
+
+@main.command()
 @click.argument("store", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--repair", is_flag=True, help="Fix what can be fixed from the mappings.")
