@@ -68,11 +68,12 @@ def zram_alone(results: list[dict[str, Any]], run: dict[str, Any]) -> dict[str, 
 
 def print_table(results: list[dict[str, Any]], floors: dict[int, ram_workload.Floor]) -> None:
     head = (f"{'K':>2} {'device':<9} {'round':>5} {'out':>5} {'in':>5} {'zero':>5} {'zram':>5} "
-            f"{'meta':>5} {'server':>6} {'total':>5} {'x zram':>6} {'stored':>7} {'dead':>6} "
-            f"{'flush':>5}")  # fmt: skip
+            f"{'meta':>5} {'server':>6} {'total':>5} {'x zram':>6} {'stored':>7} {'stale':>6} "
+            f"{'flush':>5} {'exit:st':>7} {'stale':>6}")  # fmt: skip
     print(head)
     print(f"{'':>2} {'':<9} {'':>5} {'MiB':>5} {'MiB':>5} {'pages':>5} {'MiB':>5} {'MiB':>5} "
-          f"{'MiB':>6} {'MiB':>5} {'':>6} {'pages':>7} {'slots':>6}")  # fmt: skip
+          f"{'MiB':>6} {'MiB':>5} {'':>6} {'pages':>7} {'pages':>6} {'':>5} {'pages':>7} "
+          f"{'pages':>6}")  # fmt: skip
     print("-" * len(head))
     for r in results:
         ratio = r["total_bytes"] / zram_alone(results, r)["total_bytes"]
@@ -83,7 +84,8 @@ def print_table(results: list[dict[str, Any]], floors: dict[int, ram_workload.Fl
             f"{r['pswpin'] * ram_workload.PAGE / MIB:5.0f} {r['swpout_zero']:>5} "
             f"{mib(r['zram_bytes']):>5} {mib(r.get('meta_bytes')):>5} "
             f"{mib(r.get('server_anon_bytes')):>6} {mib(r['total_bytes']):>5} {ratio:6.2f} "
-            f"{stored:>7} {r.get('dead_slots', '-'):>6} {r['device_flushes']:>5}"
+            f"{stored:>7} {r.get('stale_pages', '-'):>6} {r['device_flushes']:>5} "
+            f"{r.get('exit_stored_pages', '-'):>7} {r.get('exit_stale_pages', '-'):>6}"
         )
     print()
     print(f"{'K':>2} {'dedupblk / zram':>16} {'goal':>6} {'floor':>6} {'pages':>7} "
@@ -103,8 +105,9 @@ def print_table(results: list[dict[str, Any]], floors: dict[int, ram_workload.Fl
         "the kernel found zero and kept off the device (swpout_zero); zram: mem_used_max of "
         "zram0 alone, or of dedupblk's slots; meta: the store directory on ramfs (du); server: "
         "its Anonymous RSS; x zram: total over zram alone in the same round; stored: the "
-        "store's stored_pages; dead: slots freed but not yet discarded (deferred until a "
-        "flush), their data still in zram; flush: flush requests the swap device completed; "
+        "store's stored_pages; stale: pages zram holds that no page of the store names; flush: "
+        "flush requests the swap device completed; exit: stored and stale pages once the "
+        "containers exited and swap's discards settled; "
         "dedupblk / zram: median of rounds; floor: distinct non-zero pages over all pages, "
         "before compression)"
     )
@@ -121,6 +124,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--fill", choices=("direct", "buffered"), default="direct",
         help="each file read straight into the mapping (default), or into a buffer first",
+    )  # fmt: skip
+    parser.add_argument(
+        "--discard", choices=("on", "off"), default="on",
+        help="the dedupblk device's swap discards (serve's default: on)",
     )  # fmt: skip
     parser.add_argument("--json", help="write every measurement (and the floors) here")
     parser.add_argument("--timeout", type=float, default=2400, help="VM timeout, seconds")
@@ -140,7 +147,7 @@ def main(argv: list[str]) -> int:
     expect = ",".join(f"{k}={digest}" for k, digest in digests.items())
     command = (
         f"{PYTHON} {GUEST} --containers {','.join(map(str, ks))} --rounds {args.rounds} "
-        f"--start {args.start} --fill {args.fill} --expect {expect}"
+        f"--start {args.start} --fill {args.fill} --discard {args.discard} --expect {expect}"
     )
     harness = Harness.prepare()
     started = time.monotonic()

@@ -11,9 +11,10 @@ turn, alternating which goes first from round to round:
   fifth field of /sys/block/zram0/mm_stat).
 - ``dedupblk``: a 1 GiB store whose directory is preallocated on ramfs (/run/dedupblk) and whose
   slots are a second zram device (hot-added, 1 GiB, lz4), served with ``dedupblk serve --frontend
-  ublk --swap --swap-discard``.  Its RAM: that zram's ``mem_used_max``, the store directory on
-  ramfs (``du -sk``) and the server's ``Anonymous:`` (/proc/PID/smaps_rollup; its file-backed RSS
-  is mostly the mapped data.mdb, already counted on ramfs).
+  ublk --swap`` (swap discards on, or off with ``--discard off``).  Its RAM: that zram's
+  ``mem_used_max``, the store directory on ramfs (``du -sk``) and the server's ``Anonymous:``
+  (/proc/PID/smaps_rollup; its file-backed RSS is mostly the mapped data.mdb, already counted on
+  ramfs).
 
 The containers run in a cgroup v2 child with ``memory.max`` 160 MiB, which pushes most of them to
 swap; this process stays outside it.  With ``--start together`` (the default) they all start at
@@ -123,14 +124,14 @@ def cgroup_value(name: str) -> int:
 
 
 class Server:
-    """``dedupblk serve STORE --frontend ublk --swap --swap-discard`` in the background."""
+    """``dedupblk serve STORE --frontend ublk --swap`` in the background."""
 
-    def __init__(self) -> None:
+    def __init__(self, discard: bool) -> None:
         self.log = WORK / "server.log"
         with self.log.open("w") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dedupblk.cli", "serve", str(STORE), "--frontend", "ublk",
-                 "--swap", "--swap-discard"],
+                 "--swap", "--swap-discard" if discard else "--no-swap-discard"],
                 stdout=subprocess.PIPE, stderr=err, text=True, cwd=WORK,
             )  # fmt: skip
         assert self.proc.stdout is not None
@@ -218,18 +219,22 @@ def du_bytes(path: Path) -> int:
     return int(run("du", "-sk", str(path)).split()[0]) * 1024
 
 
-def dead_slots() -> int:
-    """Slots the store has freed (a trim or an overwrite) but not yet discarded nor reused:
-    ``deferred`` until a flush, which swap never sends, so their data stays in the backend."""
-    # Here, not at the top: the containers run this file too, and must stay small.
-    from dedupblk.store.meta import Meta  # noqa: PLC0415
+def stale_pages(zram: Path, stored: int) -> int:
+    """Pages the backend zram holds that no page of the store names (the header slot aside):
+    slots freed but not (yet) given back, whose data still takes zram's memory."""
+    stat = mm_stat(zram)
+    held = stat["orig_data_size"] // ram_workload.PAGE + stat["same_pages"]
+    return held - stored - 1
 
-    meta = Meta(str(STORE), readonly=True)
-    try:
-        with meta.env.begin() as txn:
-            return meta.entries(txn, meta.deferred)
-    finally:
-        meta.close()
+
+def wait_for_zram_to_settle(zram: Path) -> None:
+    """Until zram's data stops changing (swap's discards are sent from a worker)."""
+    last, still_since = mm_stat(zram)["orig_data_size"], time.monotonic()
+    while time.monotonic() - still_since < SETTLE_SECONDS:
+        time.sleep(0.5)
+        now = mm_stat(zram)["orig_data_size"]
+        if now != last:
+            last, still_since = now, time.monotonic()
 
 
 def one_run(device: str, containers: int, segment_files: list[Path], round_: int,
@@ -249,7 +254,7 @@ def one_run(device: str, containers: int, segment_files: list[Path], round_: int
             shutil.rmtree(STORE)
         run(sys.executable, "-m", "dedupblk.cli", "create", str(STORE), "--size", STORE_SIZE,
             "--backend", backend, "--reuse-backend", "--preallocate")  # fmt: skip
-        server = Server()
+        server = Server(args.discard == "on")
         swap_dev = server.path
     swaps = Path("/proc/swaps").read_text().splitlines()[1:]
     if [line.split()[0] for line in swaps] != [swap_dev]:
@@ -285,10 +290,17 @@ def one_run(device: str, containers: int, segment_files: list[Path], round_: int
         record["store"] = json.loads(
             run(sys.executable, "-m", "dedupblk.cli", "stats", str(STORE), "--json")
         )
-        record["dead_slots"] = dead_slots()
+        stored = int(record["store"]["stored_pages"])  # type: ignore[index]
+        record["stale_pages"] = stale_pages(zram, stored)
         total += meta + anonymous
     record["total_bytes"] = total
     work.stop()
+    if server is not None:  # what the store still holds once the workload is gone
+        wait_for_zram_to_settle(zram)
+        after = json.loads(run(sys.executable, "-m", "dedupblk.cli", "stats", str(STORE), "--json"))
+        record["exit_stored_pages"] = after["stored_pages"]
+        record["exit_zram_bytes"] = mm_stat(zram)["orig_data_size"]
+        record["exit_stale_pages"] = stale_pages(zram, after["stored_pages"])
     if server is not None:
         server.stop()
         shutil.rmtree(STORE)
@@ -352,6 +364,7 @@ def main() -> None:
         help="read each file straight into the mapping, or into a buffer first, then copy",
     )  # fmt: skip
     parser.add_argument("--expect", default="", help="K=DIGEST,...: the host's layout digests")
+    parser.add_argument("--discard", choices=("on", "off"), default="on")
     args = parser.parse_args()
     ks = [int(k) for k in args.containers.split(",") if k]
     expected = dict(item.split("=") for item in args.expect.split(",") if item)

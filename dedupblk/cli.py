@@ -371,7 +371,11 @@ def _progress(
 @click.option("--dev-id", type=click.IntRange(min=0), help="ublk: device id (default: any).")
 @click.option("--swap", is_flag=True, help="ublk: mkswap and swapon the device.")
 @click.option("--swap-priority", type=int, help="ublk: swapon priority.")
-@click.option("--swap-discard", is_flag=True, help="ublk: swapon --discard.")
+@click.option(
+    "--swap-discard/--no-swap-discard",
+    default=None,
+    help="ublk: swapon --discard, so freed swap clusters free their slots (on with --swap).",
+)
 @click.option(
     "--swap-placement-may-hang",
     is_flag=True,

@@ -143,7 +143,7 @@ def serve(
     dev_id: int | None = None,
     swap: bool = False,
     swap_priority: int | None = None,
-    swap_discard: bool = False,
+    swap_discard: bool | None = None,
     swap_placement_may_hang: bool = False,
     recover: int | None = None,
 ) -> int:

@@ -139,7 +139,7 @@ class Server:
         dev_id: int | None = None,
         swap: bool = False,
         swap_priority: int | None = None,
-        swap_discard: bool = False,
+        swap_discard: bool | None = None,
         recover: int | None = None,
     ) -> None:
         if not 1 <= queues <= MAX_NR_QUEUES:
@@ -161,7 +161,9 @@ class Server:
         self.dev_id = dev_id
         self.swap = swap
         self.swap_priority = swap_priority
-        self.swap_discard = swap_discard
+        # A ublk device hears of freed swap slots only through swap's discards (docs/swap.md,
+        # "Freed swap slots"): on unless refused.
+        self.swap_discard = swap and swap_discard is not False
         self.recover = recover
         self.hw_queues: list[Queue] = []
         self.char_fd = -1
