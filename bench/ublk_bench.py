@@ -68,7 +68,7 @@ def print_table(results: list[dict[str, float | str]]) -> None:
         z = medians.get("zram")
         for device in DEVICES:
             u = medians.get(device)
-            if u is None or z is None or device in ("store", "zram"):
+            if u is None or z is None or device in ("store", "store-ram", "zram"):
                 continue
             print(
                 f"{job:<18} {device + '/zram':<20} {_ratio(u['iops'], z['iops'], '9.2f')} "
@@ -86,7 +86,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--size", default="128M", help="device size and fio SIZE")
     parser.add_argument("--jobs", default="rand-write-dup50,rand-read,dedup-90")
     parser.add_argument(
-        "--devices", default="ublk,ublk-minimal,store,zram", help=f"of {', '.join(DEVICES)}"
+        "--devices",
+        default="ublk,ublk-ram,ublk-minimal,store,store-ram,zram",
+        help=f"of {', '.join(DEVICES)}",
     )
     parser.add_argument("--profile", action="store_true", help="add a cProfiled ublk run")
     parser.add_argument("--json", help="write every measurement here")

@@ -11,7 +11,9 @@ each running the job file's own command line
 (``SIZE=... RUNTIME=... fio --ioengine=io_uring --direct=1 --filename=DEV FILE``).  Devices
 alternate (ublk, zram, ublk, zram...) so drift in the guest spreads over both.  ``ublk-zram`` is
 dedupblk with its slots on a second zram device (``create --backend /dev/zramN``, the README's
-"compressed too" placement) and its metadata on /scratch as before.  Two more show where the
+"compressed too" placement) and its metadata on /scratch as before; ``ublk-ram`` the swap
+placement (metadata preallocated on a ramfs, slots on the second zram: a volatile store, whose
+commits do not sync) and ``store-ram`` the store alone placed so.  Two more show where the
 time goes: ``ublk-minimal`` is bench/minimal_ublk.py, the same ublk frontend over a RAM disk (the
 ceiling for a Python ublk server), and ``store`` is the store alone, driven from this process
 with the job's writes (`store_alone`; no kernel, no frontend).  Every measurement is printed as
@@ -51,10 +53,13 @@ SCRATCH = Path("/scratch")
 ZRAM = Path("/sys/block/zram0")
 WORK = Path("/tmp")  # the guest's tmpfs (the repository is read-only)
 RESULT_PREFIX = "RESULT "
-# ublk: dedupblk; ublk-zram: dedupblk with its slots on zram; ublk-minimal: bench/minimal_ublk.py;
-# store: the store alone, in this process (`store_alone`); zram: the kernel's zram.  In this order
-# in bench/ublk_bench.py's table.
-DEVICES = ("ublk", "ublk-zram", "ublk-minimal", "store", "zram")
+# ublk: dedupblk on /scratch (a durable store); ublk-ram: the swap placement (metadata on ramfs,
+# preallocated, slots on a second zram: a volatile store); ublk-zram: metadata on /scratch, slots
+# on zram; ublk-minimal: bench/minimal_ublk.py; store, store-ram: the store alone, in this process
+# (`store_alone`), placed as ublk and ublk-ram are; zram: the kernel's zram.  In this order in
+# bench/ublk_bench.py's table.
+DEVICES = ("ublk", "ublk-ram", "ublk-zram", "ublk-minimal", "store", "store-ram", "zram")
+RAMFS = Path("/run/dedupblk-bench")
 
 
 def run(argv: list[str], env: dict[str, str] | None = None) -> str:
@@ -79,14 +84,15 @@ class UblkServer:
         backend: str | None = None,
         *,
         minimal: bool = False,
+        in_ram: bool = False,
     ) -> None:
-        self.store = SCRATCH / "bench-store"
-        if self.store.exists():
-            shutil.rmtree(self.store)
+        self.store = bench_store_path(in_ram=in_ram)
         if minimal:
             argv = [sys.executable, str(MINIMAL_SERVER), size]
         else:
-            backend_args = ["--backend", backend] if backend else []
+            backend_args = ["--backend", backend, "--reuse-backend"] if backend else []
+            if in_ram:
+                backend_args.append("--preallocate")
             cli("create", str(self.store), "--size", size, *backend_args)
             argv = [sys.executable, "-m", "dedupblk.cli", "serve", str(self.store),
                     "--frontend", "ublk"]  # fmt: skip
@@ -109,6 +115,18 @@ class UblkServer:
             sys.exit(f"server exit {code}: {self.log.read_text()}")
         if self.store.exists():
             shutil.rmtree(self.store)
+
+
+def bench_store_path(*, in_ram: bool) -> Path:
+    """Where a fresh bench store goes: /scratch, or a ramfs (mounted once) for the swap
+    placement."""
+    if in_ram and not os.path.ismount(RAMFS):
+        RAMFS.mkdir(exist_ok=True)
+        run(["mount", "-t", "ramfs", "-o", "mode=700", "ramfs", str(RAMFS)])
+    path = (RAMFS if in_ram else SCRATCH) / "bench-store"
+    if path.exists():
+        shutil.rmtree(path)
+    return path
 
 
 def zram_reset(size_bytes: int, zram: Path = ZRAM) -> str:
@@ -153,14 +171,15 @@ def one_run(device: str, job: str, args: argparse.Namespace, round_: int) -> Non
     if device == "ublk":
         server = UblkServer(args.size)
         dev = server.path
-    elif device == "ublk-zram":
-        server = UblkServer(args.size, backend=backend_zram(parse_size(args.size)))
+    elif device in ("ublk-zram", "ublk-ram"):
+        backend = backend_zram(parse_size(args.size))
+        server = UblkServer(args.size, backend=backend, in_ram=device == "ublk-ram")
         dev = server.path
     elif device == "ublk-minimal":
         server = UblkServer(args.size, minimal=True)
         dev = server.path
-    elif device == "store":
-        store_alone(job, args, round_)
+    elif device in ("store", "store-ram"):
+        store_alone(job, args, round_, in_ram=device == "store-ram")
         return
     else:
         dev = zram_reset(parse_size(args.size))
@@ -169,7 +188,7 @@ def one_run(device: str, job: str, args: argparse.Namespace, round_: int) -> Non
     finally:
         if server is not None:
             server.stop()
-            if device == "ublk-zram":
+            if device in ("ublk-zram", "ublk-ram"):
                 (backend_zram_dir() / "reset").write_text("1\n")
         else:
             (ZRAM / "reset").write_text("1\n")
@@ -207,23 +226,27 @@ def write_job(job: str) -> tuple[int, int] | None:
     return int(options.get("dedupe_percentage", "0")), int(options.get("iodepth", "1"))
 
 
-def store_alone(job: str, args: argparse.Namespace, round_: int) -> None:
+def store_alone(job: str, args: argparse.Namespace, round_: int, *, in_ram: bool) -> None:
     """The store's share of a write job, without kernel or frontend: the job's 4 KiB random writes
-    put to a fresh store on /scratch from this process, in passes of the job's iodepth with one
-    commit each, as a ublk queue does.  Like fio (randrepeat=0, its random map on) the offsets
-    visit every page once, in random order, before any is written again; like fio's "repeat"
-    dedupe mode a duplicate repeats the last unique page.  Only the store calls are timed
-    (``runtime`` seconds of them), without the server's mlockall; "p99" is that of a whole pass.
-    Jobs that are not one 4 KiB random-write job are skipped."""
+    put to a fresh store from this process (on /scratch, or ``in_ram`` placed as ublk-ram is), in
+    passes of the job's iodepth with one commit each, as a ublk queue does.  Like fio
+    (randrepeat=0, its random map on) the offsets visit every page once, in random order, before
+    any is written again; like fio's "repeat" dedupe mode a duplicate repeats the last unique
+    page.  Only the store calls are timed (``runtime`` seconds of them), without the server's
+    mlockall; "p99" is that of a whole pass.  Jobs that are not one 4 KiB random-write job are
+    skipped."""
     shape = write_job(job)
     if shape is None:
         return
     duplicates, depth = shape
     started = time.monotonic()
-    path = SCRATCH / "bench-store"
-    if path.exists():
-        shutil.rmtree(path)
-    cli("create", str(path), "--size", args.size)
+    path = bench_store_path(in_ram=in_ram)
+    if in_ram:
+        backend = backend_zram(parse_size(args.size))
+        cli("create", str(path), "--size", args.size, "--backend", backend, "--reuse-backend",
+            "--preallocate")  # fmt: skip
+    else:
+        cli("create", str(path), "--size", args.size)
     rng = random.Random(round_)
     order: list[int] = []
     pages = parse_size(args.size) // PAGE_SIZE
@@ -253,10 +276,13 @@ def store_alone(job: str, args: argparse.Namespace, round_: int) -> None:
             passes.append(took)
             spent += took
     shutil.rmtree(path)
+    if in_ram:
+        (backend_zram_dir() / "reset").write_text("1\n")
     passes.sort()
     p99 = passes[math.ceil(len(passes) * 0.99) - 1] * 1e6
     iops = len(passes) * depth / spent
-    emit(job, "store", round_, (iops, iops * PAGE_SIZE / (1 << 20), p99), started)
+    device = "store-ram" if in_ram else "store"
+    emit(job, device, round_, (iops, iops * PAGE_SIZE / (1 << 20), p99), started)
 
 
 def profile_run(job: str, args: argparse.Namespace) -> None:

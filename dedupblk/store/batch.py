@@ -150,6 +150,11 @@ class Batch:
         self.get = txn.get
         self.max_share = config.max_share
         self.targets: dict[bytes, int] = {}  # fingerprint -> the slot this batch gave it
+        self.new_slots = 0  # slots allocated; in `state` at the end of `apply`
+        self.new_entries = 0  # index entries added by `_place` itself, likewise
+        # Where `_allocate` found its last slot: the next is looked for after it first.
+        self._next_refs: bytearray | None = None
+        self._next_base = self._next_at = 0
 
     # -- records, read once into private copies ------------------------------------------------
 
@@ -232,6 +237,8 @@ class Batch:
         state.mapped_pages += mapped
         state.same_filled_pages += fills
         state.lost_pages += lost
+        state.stored_slots += self.new_slots
+        state.index_entries += self.new_entries
         self._drop_references()
         if self.new_data:
             try:
@@ -260,40 +267,51 @@ class Batch:
         tag = fp[4:6]
         bucket = self.buckets.get(bucket_no)
         if bucket is None:
-            bucket = self._bucket(bucket_no)
-        tags = len(bucket) // 3  # bytes of the tag region: 2 of every 6
+            raw = self.get(_pack_u32be(bucket_no), db=self.meta.index)
+            bucket = self.buckets[bucket_no] = bytearray(raw) if raw is not None else bytearray()
         full_slot = 0
-        at = bucket.find(tag, 0, tags) if tags else -1
-        while at != -1:
-            if not at & 1:
-                slot: int = _unpack_u32(bucket, tags + at * 2)[0]
-                if self._contents(slot) == content:
-                    if slot == old:
-                        return old  # rewrote the bytes the page already had
-                    cno = slot // REF_CHUNK_SLOTS
-                    refs = self.ref_chunks.get(cno) or self._ref_chunk(cno)
-                    i = slot % REF_CHUNK_SLOTS
-                    if refs[i] < self.max_share:
-                        refs[i] += 1
-                        self.dirty_refs.add(cno)
-                        self.targets[fp] = slot
-                        return slot
-                    full_slot = slot
-            at = bucket.find(tag, at + 1, tags)
+        if bucket:
+            tags = len(bucket) // 3  # bytes of the tag region: 2 of every 6
+            at = bucket.find(tag, 0, tags)
+            while at != -1:
+                if not at & 1:
+                    slot: int = _unpack_u32(bucket, tags + at * 2)[0]
+                    if self._contents(slot) == content:
+                        if slot == old:
+                            return old  # rewrote the bytes the page already had
+                        cno = slot // REF_CHUNK_SLOTS
+                        refs = self.ref_chunks.get(cno) or self._ref_chunk(cno)
+                        i = slot % REF_CHUNK_SLOTS
+                        if refs[i] < self.max_share:
+                            refs[i] += 1
+                            self.dirty_refs.add(cno)
+                            self.targets[fp] = slot
+                            return slot
+                        full_slot = slot
+                at = bucket.find(tag, at + 1, tags)
         if not self.may_allocate:
             raise _NeedsSlot
         slot = self._allocate()
         self.new_data[slot] = content
         cno = slot // REF_CHUNK_SLOTS
-        (self.ref_chunks.get(cno) or self._ref_chunk(cno))[slot % REF_CHUNK_SLOTS] = 1
+        (self.ref_chunks.get(cno) or self._ref_chunk(cno))[slot - cno * REF_CHUNK_SLOTS] = 1
         self.dirty_refs.add(cno)
         fno = slot // FP_CHUNK_SLOTS
-        _pack_u32(self.fp_chunks.get(fno) or self._fp_chunk(fno), (slot % FP_CHUNK_SLOTS) * 4, head)
+        _pack_u32(
+            self.fp_chunks.get(fno) or self._fp_chunk(fno), (slot - fno * FP_CHUNK_SLOTS) * 4, head
+        )
         self.dirty_fps.add(fno)
-        self.state.stored_slots += 1
+        self.new_slots += 1
         if full_slot:
             self._unindex(bucket_no, full_slot)  # the new slot takes its place as the target
-        self._index(bucket_no, tag, slot)
+        if self.cap:
+            self._index(bucket_no, bucket, tag, slot)
+        else:  # the common case of `_index`, inline
+            n = len(bucket) // 6
+            bucket[n * 2 : n * 2] = tag
+            bucket += _U32.pack(slot)
+            self.dirty_buckets.add(bucket_no)
+            self.new_entries += 1
         self.targets[fp] = slot
         return slot
 
@@ -303,11 +321,11 @@ class Batch:
             held = self.stored[slot] = self.backend.read_slot(slot)
         return held
 
-    def _index(self, bucket_no: int, tag: bytes, slot: int) -> None:
-        """Add (tag, slot) as the newest entry of its bucket; with a bound, then drop the oldest
-        entries of singly-referenced slots (the new one too, if it is the only one) until the
-        bucket is within its share: shared slots keep theirs, so it may stay above."""
-        bucket = self._bucket(bucket_no)
+    def _index(self, bucket_no: int, bucket: bytearray, tag: bytes, slot: int) -> None:
+        """Add (tag, slot) as the newest entry of bucket ``bucket_no`` (``bucket``, its value);
+        with a bound, then drop the oldest entries of singly-referenced slots (the new one too,
+        if it is the only one) until the bucket is within its share: shared slots keep theirs,
+        so it may stay above."""
         n = len(bucket) // 6
         bucket[n * 2 : n * 2] = tag
         bucket += _U32.pack(slot)
@@ -348,8 +366,22 @@ class Batch:
     def _allocate(self) -> int:
         """A free, released slot (see the format's write order): the next one after the last
         taken (wrapping around), so that a batch's new slots lie together and its fingerprint
-        words and refcounts are few records to rewrite. The search skips chunks the counts say
-        are full. `StoreFull` when there is none."""
+        words and refcounts are few records to rewrite. `StoreFull` when there is none."""
+        refs = self._next_refs
+        if refs is not None:  # the chunk the last slot came from: the next free one in it
+            at = refs.find(0, self._next_at)
+            if at != -1:
+                slot = self._next_base + at
+                if slot < self.counts.capacity and slot not in self.counts.unreleased:
+                    chunk_no = self._next_base // REF_CHUNK_SLOTS
+                    self.allocated_by_chunk[chunk_no] = self.allocated_by_chunk.get(chunk_no, 0) + 1
+                    self._next_at = at + 1
+                    self.rover = slot + 1 if slot + 1 < self.counts.capacity else FIRST_DATA_SLOT
+                    return slot
+        return self._search()
+
+    def _search(self) -> int:
+        """`_allocate` from the rover on, skipping chunks the counts say are full."""
         counts = self.counts
         chunks = len(counts.free_in_chunk)
         taken = self.allocated_by_chunk
@@ -358,7 +390,7 @@ class Batch:
             chunk_no = (first + step) % chunks
             if counts.free_in_chunk[chunk_no] - taken.get(chunk_no, 0) <= 0:
                 continue
-            refs = self._ref_chunk(chunk_no)
+            refs = self.ref_chunks.get(chunk_no) or self._ref_chunk(chunk_no)
             base = chunk_no * REF_CHUNK_SLOTS
             at = refs.find(0, self.rover - base if step == 0 and self.rover > base else 0)
             while at != -1:
@@ -368,6 +400,7 @@ class Batch:
                 if slot >= FIRST_DATA_SLOT and slot not in counts.unreleased:
                     taken[chunk_no] = taken.get(chunk_no, 0) + 1
                     self.rover = slot + 1 if slot + 1 < counts.capacity else FIRST_DATA_SLOT
+                    self._next_refs, self._next_base, self._next_at = refs, base, at + 1
                     return slot
                 at = refs.find(0, at + 1)
         raise StoreFull(f"no free slot in backend {self.backend.path}")

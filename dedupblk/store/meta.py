@@ -269,6 +269,7 @@ class Meta:
         ``body`` must be safe to run again from the start: on ``MapFullError`` the transaction is
         aborted (nothing of it is kept), the map doubles and ``body`` runs anew.
         """
+        self._grow_early()
         while True:
             self.drop_reader()  # its buffers would be invalid after the commit anyway
             txn = self.env.begin(write=True, buffers=True)
@@ -302,6 +303,18 @@ class Meta:
             finally:
                 self.drop_reader()  # one begun while unlocked shows the state before this commit
             return result
+
+    def _grow_early(self) -> None:
+        """Grow the map before a transaction when it is three-quarters used: growing only once
+        LMDB reports it full would run the whole transaction twice."""
+        info = self.env.info()
+        if (info["last_pgno"] + 1) * self.env.stat()["psize"] * 4 > info["map_size"] * 3:
+            if self.preallocated and info["map_size"] >= self.preallocated:
+                return  # grown past the preallocation only when it is full (see _grown_map_size)
+            grown = self._grown_map_size()
+            self.drop_reader()
+            self._reserve(grown)
+            self.env.set_mapsize(grown)
 
     def _reserve(self, size: int) -> None:
         """Allocate every block of data.mdb below ``size`` (``posix_fallocate``; data is kept), so

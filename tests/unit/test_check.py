@@ -5,6 +5,10 @@ makes damaged data good: such pages read as EIO, named by device byte range."""
 from __future__ import annotations
 
 import os
+import random
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ from dedupblk.store.format import (
     STATE,
     map_key,
 )
-from tests.conftest import rand_page
+from tests.conftest import REPO, rand_page
 
 P = 4096
 SHARED, UNIQUE = rand_page(1), rand_page(2)
@@ -209,3 +213,33 @@ def test_config_record_is_what_the_spec_says(tmp_path: Path) -> None:
     assert len(chunk) == MAP_CHUNK_PAGES * 4
     entries = [int.from_bytes(chunk[i * 4 : i * 4 + 4], "little") for i in range(6)]
     assert entries == [1, 1, 1, 2, FILL_ENTRY, 0]
+
+
+def test_single_bit_flips_in_the_metadata_are_one_line_for_every_command(tmp_path: Path) -> None:
+    """Bits flipped at random in the pages LMDB uses: whatever each command makes of it, it
+    answers with an exit code and at most one line, never a traceback nor a signal."""
+    source = str(tmp_path / "source")
+    create_store(source, 4 << 20)
+    rng = random.Random(1)
+    with open_store(source) as store:
+        for page in range(0, 900, 3):
+            store.write(page * P, rng.randbytes(P) if page % 2 else b"\x07" * P)
+        store.flush()
+    used = os.path.getsize(os.path.join(source, "meta", "data.mdb"))
+    with open_store(source, readonly=True) as store:
+        used = min(used, store.statistics().metadata_bytes)
+    for n in range(10):
+        path = str(tmp_path / f"s{n}")
+        shutil.copytree(source, path)
+        with open(os.path.join(path, "meta", "data.mdb"), "r+b") as f:
+            at = rng.randrange(2 * P, used)  # past LMDB's two meta pages
+            f.seek(at)
+            byte = f.read(1)[0]
+            f.seek(at)
+            f.write(bytes([byte ^ 1 << rng.randrange(8)]))
+        for command in (["check", path], ["dump", path, "0", str(4 << 20)], ["stats", path]):
+            done = subprocess.run([sys.executable, "-m", "dedupblk.cli", *command], cwd=REPO,
+                                  capture_output=True, check=False)  # fmt: skip
+            err = done.stderr.decode(errors="replace")
+            assert done.returncode >= 0, (at, command, done.returncode)
+            assert "Traceback" not in err and err.count("\n") <= 1, (at, command, err)
