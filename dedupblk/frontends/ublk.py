@@ -33,6 +33,7 @@ from dedupblk.ublk.server import BLOCK_SIZE, Server, check_main_thread, signals_
 log = logging.getLogger(__name__)
 
 assert BLOCK_SIZE == PAGE_SIZE  # one block of the device is one page of the store
+SLOT_CACHE_PAGES: Final = 64  # the store's cache of slot contents, in a server (256 KiB)
 
 _OP_NAMES: Final = {
     UBLK_IO_OP_READ: "READ",
@@ -163,8 +164,9 @@ def serve(
         # Hardened before the store opens: its threads inherit the io-flusher flag.
         harden_process(strict=swap)
         # Every pass commits its own batch before answering the kernel: no timed commits (their
-        # thread would compete with the queue threads for the GIL).
-        with open_store(store_path, group_commit=False) as store:
+        # thread would compete with the queue threads for the GIL). Few slot contents are kept:
+        # every byte of this process is locked in memory (docs/measurements.md, "Server memory").
+        with open_store(store_path, group_commit=False, slot_cache_pages=SLOT_CACHE_PAGES) as store:
             check_placement(
                 store.path, store.backend_path, slots_preallocated=store.backend_preallocated,
                 swap=swap, serving_dev_id=recover, may_hang=swap_placement_may_hang,

@@ -183,7 +183,10 @@ class Backend:
             log.warning("backend %s: no O_DIRECT (%s): slot I/O goes through the page cache",
                         self.path, exc.strerror)  # fmt: skip
             return
-        self._bounce = mmap.mmap(-1, IOV_MAX * PAGE_SIZE)
+        # As large as the largest write (runs are cut there): a block device's 256 pages.
+        self._bounce = mmap.mmap(
+            -1, (BLOCK_DIO_MAX_PAGES if self.is_block else IOV_MAX) * PAGE_SIZE
+        )
         self._bounce_view = memoryview(self._bounce)
 
     @property

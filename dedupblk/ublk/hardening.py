@@ -26,7 +26,7 @@ M_TRIM_THRESHOLD: Final = -1
 M_TOP_PAD: Final = -2
 M_MMAP_MAX: Final = -4
 M_ARENA_MAX: Final = -8
-MALLOC_TOP_PAD_BYTES: Final = 1 << 20
+MALLOC_TOP_PAD_BYTES: Final = 256 << 10
 # Every thread's stack is locked in full under mlockall (8 MiB by default): the server's threads
 # run shallow Python (a request handler, the store, a control command), far less than this.
 THREAD_STACK_BYTES: Final = 256 * 1024
@@ -77,7 +77,7 @@ def protect_from_oom_killer() -> None:
 
 
 def keep_heap() -> None:
-    """Make malloc keep what it got (no trimming, no mmap per large block), grow in 1 MiB steps,
+    """Make malloc keep what it got (no trimming, no mmap per large block), grow in 256 KiB steps,
     and serve every thread from one arena: freed request buffers are reused instead of being
     returned to the kernel and faulted in (and, under mlockall, locked) again on the next pass,
     and no thread gets an arena of its own to lock."""

@@ -143,10 +143,10 @@ def test_meta_size_needs_preallocate_and_whole_pages(tmp_path: Path) -> None:
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_default_meta_size_is_64_bytes_a_page_in_whole_mib() -> None:
+def test_default_meta_size_is_48_bytes_a_page_in_whole_mib() -> None:
     assert default_meta_size(P) == MIB
-    assert default_meta_size(1 << 30) == 16 * MIB
-    assert default_meta_size((1 << 30) + 4 * P) == 17 * MIB
+    assert default_meta_size(1 << 30) == 12 * MIB
+    assert default_meta_size((1 << 30) + 4 * P) == 13 * MIB
 
 
 def test_fill_holes_keeps_data_and_extends(tmp_path: Path) -> None:
