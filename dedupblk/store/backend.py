@@ -3,8 +3,8 @@
 Slot data is written with ``pwrite``/``pwritev`` and read with ``pread``; nothing is cached here.
 Durability: `Backend.sync` is ``fdatasync``; a write that returned is in the page cache (a file) or
 the device (``/dev/zram0``) and survives a kill of this process, not a power loss before `sync`.
-A preallocated backend (`BACKEND_PREALLOCATED`, for swap) is written in full at create (a file),
-never punched (a file), and read and written with ``O_DIRECT`` through one page-aligned bounce
+A block device, and a preallocated file (`BACKEND_PREALLOCATED`, for swap: written in full at
+create, never punched), are read and written with ``O_DIRECT`` through one page-aligned bounce
 buffer allocated at open: a slot write then needs no page-cache page and dirties nothing, so a
 server that must write swap pages while the machine is out of memory allocates no memory for it
 and is never throttled as a dirtier. Its writes are on the device when they return.

@@ -19,7 +19,7 @@ import struct
 from array import array
 from typing import Any
 
-from ..errors import DedupblkError, StoreFull
+from ..errors import BackendError, DedupblkError, FormatError, StoreFull
 from .backend import Backend
 from .fingerprint import DATA, ZERO, FingerprintFn
 from .format import (
@@ -150,6 +150,7 @@ class Batch:
         self.get = txn.get
         self.max_share = config.max_share
         self.targets: dict[bytes, int] = {}  # fingerprint -> the slot this batch gave it
+        self.applied = 0  # pages applied (a batch without new data leaves some out)
         self.new_slots = 0  # slots allocated; in `state` at the end of `apply`
         self.new_entries = 0  # index entries added by `_place` itself, likewise
         # Where `_allocate` found its last slot: the next is looked for after it first.
@@ -217,6 +218,7 @@ class Batch:
                 new = FILL_ENTRY
                 fill_words[page] = word
                 fill_deletes.discard(page)
+            self.applied += 1
             if new == old:
                 continue  # the same slot again, or a fill whose word was just replaced
             _pack_u32(chunk, at, new)
@@ -255,7 +257,7 @@ class Batch:
         newly allocated slot that becomes the dedup target for these bytes."""
         fp = self.fingerprint(content)
         known = self.targets.get(fp)  # this batch placed these bytes already
-        if known is not None and self._contents(known) == content:
+        if known is not None and self._verified(known, content):
             if known == old:
                 return old
             refs = self.ref_chunks[known // REF_CHUNK_SLOTS]
@@ -276,7 +278,7 @@ class Batch:
             while at != -1:
                 if not at & 1:
                     slot: int = _unpack_u32(bucket, tags + at * 2)[0]
-                    if self._contents(slot) == content:
+                    if self._verified(slot, content):
                         if slot == old:
                             return old  # rewrote the bytes the page already had
                         cno = slot // REF_CHUNK_SLOTS
@@ -314,6 +316,14 @@ class Batch:
             self.new_entries += 1
         self.targets[fp] = slot
         return slot
+
+    def _verified(self, slot: int, content: bytes) -> bool:
+        """Whether ``slot`` holds ``content``; a slot that cannot be read holds no match (the
+        page gets a slot of its own; `check` finds what is wrong with the other)."""
+        try:
+            return self._contents(slot) == content
+        except BackendError:
+            return False
 
     def _contents(self, slot: int) -> bytes:
         held = self.new_data.get(slot) or self.cache.get(slot) or self.stored.get(slot)
@@ -411,6 +421,11 @@ class Batch:
         for slot, drop in self.decrements.items():
             refs = self._ref_chunk(slot // REF_CHUNK_SLOTS)
             i = slot % REF_CHUNK_SLOTS
+            if refs[i] < drop:
+                raise FormatError(
+                    f"slot {slot} has refcount {refs[i]} but {drop} more mappings leave it: the "
+                    "metadata is damaged; see `dedupblk check`"
+                )
             refs[i] -= drop
             self.dirty_refs.add(slot // REF_CHUNK_SLOTS)
             if refs[i]:

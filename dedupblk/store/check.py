@@ -92,7 +92,9 @@ class _Scan:
     fill_pages: set[int] = field(default_factory=set)  # pages whose entry is FILL
     counted: dict[str, int] = field(default_factory=dict)
     lost_pages: set[int] = field(default_factory=set)  # entries a repair turns into LOST
-    bad_fills: list[int] = field(default_factory=list)  # fill records a repair drops
+    bad_keys: list[tuple[Any, bytes]] = field(default_factory=list)  # (db, key) a repair drops
+    short_chunks: dict[int, int] = field(default_factory=dict)  # map chunk -> entries it has
+    beyond: set[int] = field(default_factory=set)  # pages past the device's end a repair zeroes
     damaged_slots: set[int] = field(default_factory=set)  # live slots whose data fails its word
     tags: dict[int, bytes] = field(default_factory=dict)  # live slot -> tag of its data
     keep_index: dict[int, bytes] = field(default_factory=dict)  # bucket -> entries a repair keeps
@@ -107,19 +109,26 @@ def _cursor(txn: Any, db: Any) -> Iterator[tuple[bytes, bytes]]:
 
 
 def _map_entries(
-    txn: Any, meta: Meta, scan: _Scan, progress: Progress
+    txn: Any, meta: Meta, scan: _Scan, progress: Progress, *, report: bool = True
 ) -> Iterator[tuple[int, int]]:
-    """(page, entry) of every non-zero map entry of volume 0; bad keys are reported."""
+    """(page, entry) of every non-zero map entry of volume 0; bad records are reported (unless
+    ``report`` is False: a second pass) and a chunk of the wrong size yields what it holds."""
     config = scan.config
     chunks = -(-config.pages // MAP_CHUNK_PAGES)
     for key, chunk in _cursor(txn, meta.map):
-        if len(key) != MAP_KEY.size or len(chunk) != MAP_CHUNK_PAGES * 4:
-            scan.problem("bounds", f"map record {key.hex()} has the wrong size")
+        volume, chunk_no = MAP_KEY.unpack(key) if len(key) == MAP_KEY.size else (-1, -1)
+        if volume != VOLUME or not 0 <= chunk_no < chunks:
+            if report:
+                scan.problem("bounds", f"map record {key.hex()} is not a chunk of the device")
+                scan.bad_keys.append((meta.map, key))
             continue
-        volume, chunk_no = MAP_KEY.unpack(key)
-        if volume != VOLUME or chunk_no >= chunks:
-            scan.problem("bounds", f"map chunk {chunk_no} of volume {volume} is beyond the device")
-            continue
+        if len(chunk) != MAP_CHUNK_PAGES * 4:
+            held = min(MAP_CHUNK_PAGES, len(chunk) // 4)
+            if report:
+                scan.problem("bounds", f"map chunk {chunk_no} has {len(chunk)} bytes, not "
+                             f"{MAP_CHUNK_PAGES * 4}")  # fmt: skip
+                scan.short_chunks[chunk_no] = held
+            chunk = chunk[: held * 4]  # noqa: PLW2901 -- what it holds
         first = chunk_no * MAP_CHUNK_PAGES
         for i, (entry,) in enumerate(_U32.iter_unpack(chunk)):
             if entry:
@@ -136,13 +145,13 @@ def check_bounds_and_map(txn: Any, meta: Meta, scan: _Scan, progress: Progress) 
     for page, entry in _map_entries(txn, meta, scan, progress):
         if page >= config.pages:
             scan.problem("bounds", f"page {page} is beyond the device")
-            scan.lost_pages.add(page)
+            scan.beyond.add(page)
         elif entry == FILL_ENTRY:
             fills += 1
             scan.fill_pages.add(page)
         elif entry == LOST_ENTRY:
             lost += 1
-        elif entry < FIRST_DATA_SLOT or entry >= capacity:
+        elif entry >= capacity:
             scan.problem("bounds", f"{describe_range(page << PAGE_SHIFT, 1 << PAGE_SHIFT)} name "
                          f"slot {entry}, outside the backend")  # fmt: skip
             scan.lost_pages.add(page)
@@ -152,11 +161,11 @@ def check_bounds_and_map(txn: Any, meta: Meta, scan: _Scan, progress: Progress) 
     scan.counted.update(mapped=mapped, fills=fills, lost=lost)
     seen: set[int] = set()
     for key, value in _cursor(txn, meta.fills):
-        volume, page = FILL_KEY.unpack(key)
+        volume, page = FILL_KEY.unpack(key) if len(key) == FILL_KEY.size else (-1, -1)
         word = U64LE.unpack(value)[0] if len(value) == U64LE.size else 0
         if volume != VOLUME or page not in scan.fill_pages or not word:
-            scan.problem("bounds", f"fill record of page {page} has no FILL entry or no word")
-            scan.bad_fills.append(page)
+            scan.problem("bounds", f"fill record {key.hex()} has no FILL entry or no word")
+            scan.bad_keys.append((meta.fills, key))
             continue
         seen.add(page)
     for page in sorted(scan.fill_pages - seen):
@@ -164,9 +173,12 @@ def check_bounds_and_map(txn: Any, meta: Meta, scan: _Scan, progress: Progress) 
                      "word is missing")  # fmt: skip
         scan.lost_pages.add(page)
     ref_chunks = -(-capacity // REF_CHUNK_SLOTS)
-    for key, _ in _cursor(txn, meta.refs):
-        if U64BE.unpack(key)[0] >= ref_chunks:
-            scan.problem("bounds", f"refs chunk {U64BE.unpack(key)[0]} is beyond the backend")
+    fp_chunks = -(-capacity // FP_CHUNK_SLOTS)
+    for db, name, most in ((meta.refs, "refs", ref_chunks), (meta.fps, "fps", fp_chunks)):
+        for key, _ in _cursor(txn, db):
+            if len(key) != U64BE.size or U64BE.unpack(key)[0] >= most:
+                scan.problem("bounds", f"{name} record {key.hex()} is beyond the backend")
+                scan.bad_keys.append((db, key))
 
 
 def _chunked(txn: Any, db: Any, width: int, per_chunk: int) -> Callable[[int], int]:
@@ -212,6 +224,7 @@ def check_fingerprints(
         except DedupblkError as exc:
             scan.problem("fingerprints", f"slot {slot} cannot be read: {exc}")
             scan.damaged_slots.add(slot)
+            progress(1)
             continue
         if int.from_bytes(fp[:4], "big") != word(slot):
             scan.damaged_slots.add(slot)
@@ -277,13 +290,28 @@ def check_counters(scan: _Scan) -> None:
 
 
 def _report_damage(meta: Meta, txn: Any, scan: _Scan) -> None:
-    """Name the device ranges whose data is damaged (pages mapping a damaged slot)."""
-    if not scan.damaged_slots:
+    """Name the device ranges whose data is damaged (pages mapping a damaged slot), and the
+    mappings past what a refcount can count (`MAX_SHARE`), which a repair cannot keep."""
+    over = {slot for slot, n in enumerate(scan.references) if n > MAX_SHARE}
+    if not scan.damaged_slots and not over:
         return
-    pages = [page for page, entry in _map_entries(txn, meta, scan, lambda _n: None)
-             if entry in scan.damaged_slots]  # fmt: skip
-    scan.lost_pages.update(pages)
-    for first, length in byte_ranges(pages):
+    damaged: list[int] = []
+    seen: dict[int, int] = {}
+    entries = _map_entries(txn, meta, scan, lambda _n: None, report=False)
+    for page, entry in entries:
+        if page >= scan.config.pages:
+            continue
+        if entry in scan.damaged_slots:
+            damaged.append(page)
+        elif entry in over:
+            seen[entry] = seen.get(entry, 0) + 1
+            if seen[entry] > MAX_SHARE:
+                scan.lost_pages.add(page)
+    for slot in over:
+        scan.references[slot] = MAX_SHARE
+        scan.problem("refcounts", f"slot {slot} is named by more pages than a refcount counts")
+    scan.lost_pages.update(damaged)
+    for first, length in byte_ranges(damaged):
         scan.problem("fingerprints", f"{describe_range(first, length)}: the data does not "
                      "match its fingerprint")  # fmt: skip
 
@@ -330,19 +358,26 @@ def _repair(meta: Meta, scan: _Scan) -> None:
     lost = scan.lost_pages
     for slot in scan.damaged_slots:
         scan.references[slot] = 0
-    by_chunk: dict[int, list[int]] = {}
+    for chunk_no, held in scan.short_chunks.items():  # the pages whose entries are missing
+        first = chunk_no * MAP_CHUNK_PAGES
+        lost.update(range(first + held, min(config.pages, first + MAP_CHUNK_PAGES)))
+    changes: dict[int, list[tuple[int, int]]] = {c: [] for c in scan.short_chunks}
     for page in lost:
-        by_chunk.setdefault(page // MAP_CHUNK_PAGES, []).append(page)
+        changes.setdefault(page // MAP_CHUNK_PAGES, []).append((page, LOST_ENTRY))
+    for page in scan.beyond:
+        changes.setdefault(page // MAP_CHUNK_PAGES, []).append((page, 0))
 
     def rebuild(txn: Any) -> None:
         mapped = fills = lost_count = 0
-        for chunk_no, pages in by_chunk.items():
+        for db, key in scan.bad_keys:
+            txn.delete(key, db=db)
+        for chunk_no, chunk_changes in changes.items():
             raw = txn.get(map_key(chunk_no), db=meta.map)
-            if raw is None:
-                continue
-            marked = bytearray(raw)
-            for page in pages:
-                _U32.pack_into(marked, (page % MAP_CHUNK_PAGES) * 4, LOST_ENTRY)
+            marked = bytearray(bytes(raw or b"")[: MAP_CHUNK_PAGES * 4]).ljust(
+                MAP_CHUNK_PAGES * 4, b"\0"
+            )
+            for page, entry in chunk_changes:
+                _U32.pack_into(marked, (page % MAP_CHUNK_PAGES) * 4, entry)
             txn.put(map_key(chunk_no), marked, db=meta.map)
         records = list(_cursor(txn, meta.map))
         for key, chunk in records:
@@ -361,8 +396,6 @@ def _repair(meta: Meta, scan: _Scan) -> None:
                     lost_count += 1
                 elif entry:
                     mapped += 1
-        for page in scan.bad_fills:
-            txn.delete(FILL_KEY.pack(VOLUME, page), db=meta.fills)
         txn.drop(meta.refs, delete=False)
         capacity = config.slot_capacity
         for chunk_no in range(-(-capacity // REF_CHUNK_SLOTS)):

@@ -130,8 +130,9 @@ def create_store(
             raise BackendMismatch(f"backend {backend_path} does not exist (no file made in /dev)")
         if capacity is None and not (backend_path and _is_block_device(backend_path)):
             # The data file is sparse, so headroom costs nothing: it lets overwrites take new slots
-            # while the old ones wait (deferred) for a flush, instead of forcing one. An existing
-            # file (--reuse-backend) grows to it too; it never shrinks.
+            # while the old ones wait for the next commit (see the format's write order), and
+            # duplicates past max-share take slots of their own. An existing file
+            # (--reuse-backend) grows to it too; it never shrinks.
             capacity = PAGE_SIZE + size + (size // 4) // PAGE_SIZE * PAGE_SIZE
         if capacity is not None and capacity > MAX_SLOTS * PAGE_SIZE:
             raise InvalidRequest(

@@ -11,9 +11,10 @@ Store directory (mode 0700; every file in it 0600)
 ``STORE/meta/``  the LMDB environment (``data.mdb``, ``lock.mdb``) holding all metadata.
 ``STORE/slots``  the data file of 4 KiB slots, unless the store was created with another backend
                  (a file or a block device such as ``/dev/zram0``), whose path is in ``config``.
-``STORE/lock``   an advisory ``flock``, taken on the open file and checked to still be the file
-                 at this path: a writer holds it exclusively, a read-only opener shared; the writer
-                 writes its pid and command line into it so a refused opener can name it.
+``STORE/lock``   the name of the process that holds the store's lock (pid and command line),
+                 so that a refused opener can name it. The lock itself is an advisory ``flock`` on
+                 the store directory (a file could be unlinked and made anew while locked): a
+                 writer holds it exclusively, a read-only opener shared.
 
 Backend
 -------
@@ -183,8 +184,6 @@ LOCK_FILE = "lock"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
-PageNo = NewType("PageNo", int)
-SlotNo = NewType("SlotNo", int)
 Fingerprint = NewType("Fingerprint", bytes)
 
 # Sub-database names.

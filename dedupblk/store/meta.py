@@ -158,7 +158,7 @@ class Meta:
         finally:
             os.umask(old_umask)
         try:
-            self._open_dbs(readonly=readonly, create=create)
+            self._open_dbs(create=create)
             if not readonly:
                 self._reserve(self.env.info()["map_size"])
         except BaseException:
@@ -172,7 +172,7 @@ class Meta:
             self.env.set_mapsize(self.preallocated)
         _OPEN[self._key] = self
 
-    def _open_dbs(self, *, readonly: bool, create: bool) -> None:
+    def _open_dbs(self, *, create: bool) -> None:
         where = self.store_dir
         with damaged_metadata(where):
             self._check_size()
@@ -201,7 +201,6 @@ class Meta:
             self.fps = dbs[DB_FPS]
             self.index = dbs[DB_INDEX]
             self.preallocated = 0 if create else self._read_prealloc()
-        del readonly
 
     def _check_size(self) -> None:
         _check_size(self.env, self.store_dir, self.data_mdb)
@@ -279,6 +278,7 @@ class Meta:
                 txn.abort()
                 grown = self._grown_map_size()
                 self._reserve(grown)
+                self.drop_reader()
                 self.env.set_mapsize(grown)
                 continue
             except BaseException:
@@ -292,6 +292,7 @@ class Meta:
             except lmdb.MapFullError:
                 grown = self._grown_map_size()
                 self._reserve(grown)
+                self.drop_reader()  # one begun while unlocked
                 self.env.set_mapsize(grown)
                 continue
             except lmdb.Error as exc:
@@ -313,7 +314,11 @@ class Meta:
                 return  # grown past the preallocation only when it is full (see _grown_map_size)
             grown = self._grown_map_size()
             self.drop_reader()
-            self._reserve(grown)
+            try:
+                self._reserve(grown)
+            except StoreFull as exc:  # only a map that is really full must grow
+                log.warning("cannot grow the metadata's map ahead of need: %s", exc)
+                return
             self.env.set_mapsize(grown)
 
     def _reserve(self, size: int) -> None:

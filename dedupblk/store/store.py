@@ -163,6 +163,8 @@ class Store:
         self._sealed: list[dict[int, Pending]] = []  # full buffers handed to the committer
         self._committing: dict[int, Pending] | None = None  # the one it commits now
         self._inflight_data = 0  # DATA pages in those: each may need one slot too
+        self._sealed_count = 0  # buffers handed over so far,
+        self._committed_count = 0  # and how many of them the committer is done with
         self._counts = SlotCounts(self.config.slot_capacity)
         # Slots freed by the last commit, released after the next one (durable stores).
         self._cooling: list[int] = []
@@ -245,6 +247,8 @@ class Store:
             record = present.first()
             for chunk in range(len(counts.free_in_chunk)):
                 refs = None
+                while record and len(present.key()) != U64BE.size:  # `check` reports these
+                    record = present.next()
                 if record and U64BE.unpack(present.key())[0] == chunk:
                     refs = bytes(present.value())
                     record = present.next()
@@ -504,8 +508,8 @@ class Store:
                 self._check_writable()
             try:
                 self._commit_locked()
-            except (StoreFull, BackendError):
-                self._write_error = None
+            except DedupblkError:
+                self._write_error = None  # this caller hears of it
                 raise
             error, self._write_error = self._write_error, None  # a handed-over batch failed
             if error is not None:
@@ -535,14 +539,21 @@ class Store:
             entry = (FILL, word, None)
         previous = self._pending.get(page)
         replaces_data = previous is not None and previous[0] == DATA
-        in_flight = self._pending_data + self._inflight_data
-        if kind == DATA and not replaces_data and in_flight >= self._counts.total:
-            self._make_room()
+        while (
+            kind == DATA
+            and not replaces_data
+            and self._pending_data + self._inflight_data >= self._counts.total
+        ):
+            self._make_room()  # other writers may fill the room while it waits: look again
             if self._counts.total == 0:
                 # No slot is known free: this page can only land if it dedups. Try it alone.
                 self._pending[page] = entry
                 self._pending_data += 1
-                self._commit_locked()
+                try:
+                    self._commit_locked()
+                except DedupblkError:
+                    self._write_error = None  # this caller hears of it
+                    raise
                 error, self._write_error = self._write_error, None
                 if error is not None:
                     raise error
@@ -558,8 +569,7 @@ class Store:
         self._pending_data += (kind == DATA) - replaces_data
         if len(self._pending) >= GROUP_PAGES:
             if self._pipelined():
-                while self._sealed and not self._closed:  # one full buffer waits, no more
-                    self._wake.wait()
+                self._wait_for_committer(lambda: not self._sealed)  # one full buffer waits
                 self._seal()
             else:
                 self._commit_locked()
@@ -591,10 +601,18 @@ class Store:
         """Hand the pending buffer to the committer."""
         if self._pending:
             self._sealed.append(self._pending)
+            self._sealed_count += 1
             self._inflight_data += self._pending_data
             self._pending, self._pending_data = {}, 0
             self._start_committer()
             self._wake.notify_all()
+
+    def _wait_for_committer(self, done: Callable[[], bool]) -> None:
+        """Wait (the lock let go) until ``done()``, starting a committer anew if one died."""
+        while not done() and not self._closed:
+            if self._committer is None or not self._committer.is_alive():
+                self._start_committer()
+            self._wake.wait(1.0)
 
     def _committer_loop(self) -> None:
         """Commit what is handed over, and a buffer that waited `GROUP_SECONDS` when no request
@@ -604,18 +622,16 @@ class Store:
                 while not self._closed:
                     if self._sealed:
                         self._commit_sealed()
-                    elif self._pending and self._group_commit:
+                    elif self._pending and self._group_commit and self._broken is None:
                         due = self._pending_since + GROUP_SECONDS - time.monotonic()
                         if due > 0:
                             self._wake.wait(due)
                         elif self.volatile is None:
                             self._seal()
                         else:
-                            try:
-                                self._commit_locked()
-                            except DedupblkError as exc:
-                                self._write_error = self._write_error or exc
-                                self._log.error("a background commit failed: %s", exc)
+                            batch = self._take_pending()
+                            with contextlib.suppress(DedupblkError):  # reported at the next flush
+                                self._commit_batch(batch, unlock=False)
                     else:
                         self._committer_idle = True
                         self._wake.wait(1.0)
@@ -628,51 +644,70 @@ class Store:
         batch = self._committing = self._sealed.pop(0)
         data = sum(1 for entry in batch.values() if entry[0] == DATA)
         try:
-            self._commit_batch(batch, unlock=True)
-        except DedupblkError as exc:
-            self._write_error = self._write_error or exc  # for the next commit or flush
-            self._log.error("a background commit failed: %s", exc)
+            with contextlib.suppress(DedupblkError):  # recorded for the next commit or flush
+                self._commit_batch(batch, unlock=True)
         finally:
             self._committing = None
+            self._committed_count += 1
             self._inflight_data -= data
             self._wake.notify_all()
 
+    def _take_pending(self) -> dict[int, Pending]:
+        batch = self._pending
+        self._pending, self._pending_data = {}, 0
+        return batch
+
     def _commit_locked(self) -> None:
-        """Commit everything accepted so far; return once it is committed."""
+        """Commit everything accepted so far; return once it is committed (by the committer, in
+        a pipelined store: the batches handed over until now, not those handed over later)."""
         if self._closed:
             return
         if self._pipelined():
             self._seal()
-            while self._sealed or self._committing is not None:
-                if self._committer is None or not self._committer.is_alive():
-                    self._start_committer()  # it died: another takes over
-                self._wake.wait(1.0)
+            target = self._sealed_count
+            self._wait_for_committer(lambda: self._committed_count >= target)
             return
         if self._pending:
-            batch = self._pending
-            self._pending, self._pending_data = {}, 0
-            self._commit_batch(batch, unlock=False)
+            self._commit_batch(self._take_pending(), unlock=False)
 
     def _commit_batch(self, batch: dict[int, Pending], *, unlock: bool) -> None:
+        """Commit ``batch``. A batch that fails is not kept: the pages it could not commit read
+        as what was committed before them, and the error is the caller's and the next commit's
+        or flush's (see the module docstring). After a failed sync nothing more is committed."""
+        if self._broken is not None:
+            self._record(self._broken)
+            raise self._broken
         try:
             done = self._apply(batch, new_data=True, unlock=unlock)
         except (WriteFailed, StoreFull) as failed:
-            # The new slot data could not be written (or had no slot): commit what needs none,
-            # drop the rest.
+            # The new slot data could not be written (or had no slot): commit what needs none.
             error = failed.error if isinstance(failed, WriteFailed) else failed
-            self._log.error("a commit failed, %d pages dropped: %s", len(batch), error)
-            self._write_error = error
+            self._record(error)
             if self._broken is None:
-                self._committed(self._apply(batch, new_data=False, unlock=unlock))
+                try:
+                    done = self._apply(batch, new_data=False, unlock=unlock)
+                except DedupblkError as again:
+                    self._record(again)
+                    raise again from error
+                self._committed(done)
+                lost = len(batch) - done.applied
+                self._log.error("a commit failed, %d of %d pages dropped: %s", lost,
+                                len(batch), error)  # fmt: skip
             raise error from None
-        except BaseException:
-            # Nothing was committed: the pages are pending again, under any accepted since.
-            for page, entry in batch.items():
-                if page not in self._pending:
-                    self._pending[page] = entry
-                    self._pending_data += entry[0] == DATA
+        except DedupblkError as exc:
+            self._record(exc)
+            self._log.error("a commit failed, %d pages dropped: %s", len(batch), exc)
             raise
+        except Exception as exc:
+            error = BackendError(f"a commit failed unexpectedly: {exc!r}")
+            self._record(error)
+            log.exception("a commit failed unexpectedly, %d pages dropped", len(batch))
+            raise error from exc
         self._committed(done)
+
+    def _record(self, error: DedupblkError) -> None:
+        """Keep the first error since the last flush, for it to report."""
+        self._write_error = self._write_error or error
 
     @contextlib.contextmanager
     def _unlocked(self) -> Iterator[None]:
@@ -760,10 +795,10 @@ class Store:
         """Forget the slots a commit freed, remember the ones it wrote or read, and keep the
         cache within its bound (oldest first out)."""
         cache = self._slot_cache
+        cache.update(done.stored)
+        cache.update(done.new_data)
         for slot in done.dead:
             cache.pop(slot, None)
-        cache.update(done.new_data)
-        cache.update(done.stored)
         excess = len(cache) - self._slot_cache_pages
         if excess > 0:
             for slot in list(_first(cache, excess)):

@@ -101,7 +101,7 @@ def upgrade_store(
             if version != v1.VERSION:
                 raise FormatError(f"{store_dir} has format version {version}: no upgrade known")
             result = _build(store_dir, old, progress or (lambda _n: None), on_total)
-        except lmdb.Error as exc:
+        except (lmdb.Error, struct.error, KeyError, ValueError, UnicodeDecodeError) as exc:
             raise FormatError(f"{store_dir}: the version-1 metadata is damaged ({exc})") from exc
         finally:
             old.close()
