@@ -23,6 +23,7 @@ from dedupblk.store import check_store, create_store, open_store
 from dedupblk.store.format import (
     CONFIG,
     FILL_ENTRY,
+    FILL_KEY,
     KEY_STATE,
     MAP_CHUNK_PAGES,
     STATE,
@@ -243,3 +244,69 @@ def test_single_bit_flips_in_the_metadata_are_one_line_for_every_command(tmp_pat
             err = done.stderr.decode(errors="replace")
             assert done.returncode >= 0, (at, command, done.returncode)
             assert "Traceback" not in err and err.count("\n") <= 1, (at, command, err)
+
+
+def _repaired_clean(path: str) -> list[tuple[int, int]]:
+    """Check finds the damage in bounds; repair; a second check is clean; return the lost ranges."""
+    assert {p.check for p in check_store(path).problems} == {"bounds"}
+    lost = check_store(path, repair=True).lost
+    assert check_store(path).problems == []
+    return lost
+
+
+def test_repair_keeps_what_a_short_map_chunk_still_holds(tmp_path: Path) -> None:
+    """A map record that lost its last entry: the pages it still names keep their data, and
+    the one it lost reads as EIO (what it held cannot be known)."""
+    path = str(tmp_path / "store")
+    create_store(path, 4 << 20)
+    pages = [rand_page(n) for n in range(10)]
+    with open_store(path) as store:
+        store.write(0, b"".join(pages))
+
+    def body(txn: Any, dbs: dict[bytes, Any]) -> None:
+        txn.put(map_key(0), txn.get(map_key(0), db=dbs[b"map"])[:-4], db=dbs[b"map"])
+
+    _edit(path, body)
+    last = MAP_CHUNK_PAGES - 1
+    assert _repaired_clean(path) == [(last * P, P)]
+    with open_store(path, readonly=True) as store:
+        assert [store.read(n * P, P) for n in range(10)] == pages
+        with pytest.raises(DataLost):
+            store.read(last * P, P)
+
+
+def test_repair_deletes_a_record_of_another_volume_and_keeps_the_page(tmp_path: Path) -> None:
+    path = str(tmp_path / "store")
+    create_store(path, 4 << 20)
+    fill = (0x1122334455667788).to_bytes(8, "little") * 512
+    with open_store(path) as store:
+        store.write(5 * P, fill)
+
+    def body(txn: Any, dbs: dict[bytes, Any]) -> None:
+        txn.put(FILL_KEY.pack(1, 5), (7).to_bytes(8, "little"), db=dbs[b"fills"])
+
+    _edit(path, body)
+    assert _repaired_clean(path) == []
+    with open_store(path, readonly=True) as store:
+        assert store.read(5 * P, P) == fill
+
+
+def test_repair_clears_entries_past_the_end_of_the_device(tmp_path: Path) -> None:
+    """The device's last map chunk is longer than the device: an entry past the end is cleared,
+    and the slot's refcount follows, while the page within the device keeps its data."""
+    path = str(tmp_path / "store")
+    create_store(path, 4 << 20)  # 1024 pages: chunk 1 holds pages 1020-2039
+    page = rand_page(7)
+    with open_store(path) as store:
+        store.write(1021 * P, page)
+
+    def body(txn: Any, dbs: dict[bytes, Any]) -> None:
+        chunk = bytearray(txn.get(map_key(1), db=dbs[b"map"]))
+        chunk[(1030 - 1020) * 4 : (1031 - 1020) * 4] = chunk[4:8]  # page 1030 shares its slot
+        txn.put(map_key(1), bytes(chunk), db=dbs[b"map"])
+
+    _edit(path, body)
+    assert _repaired_clean(path) == []
+    with open_store(path, readonly=True) as store:
+        assert store.read(1021 * P, P) == page
+        assert store.statistics().mapped_pages == 1
