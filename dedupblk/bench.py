@@ -23,6 +23,10 @@ from .errors import DedupblkError, InvalidRequest
 from .store import PAGE_SIZE, create_store, open_store
 
 HOT_CONTENTS = 64
+DEFAULT_PAGES = 32768
+DEFAULT_ROUNDS = 3
+DIR_ENV = "DEDUPBLK_BENCH_DIR"
+DEFAULT_DIR = "/var/tmp"
 
 
 @dataclass(frozen=True)
@@ -69,29 +73,35 @@ def run_one(directory: str, pages: int, duplicate_percent: int, seed: int) -> Re
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--pages", type=int, default=32768, help="pages written per workload")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per workload (median)")
+    parser.add_argument("--pages", type=int, default=DEFAULT_PAGES, help="pages per workload")
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="rounds (median)")
     parser.add_argument("--dir", default=None, help="where to make the stores (not tmpfs)")
     args = parser.parse_args(argv)
-    for name in ("pages", "rounds"):
-        if getattr(args, name) < 1:
-            raise InvalidRequest(f"--{name} {getattr(args, name)}: must be at least 1")
-    base = args.dir or os.environ.get("DEDUPBLK_BENCH_DIR") or "/var/tmp"
+    return run(pages=args.pages, rounds=args.rounds, directory=args.dir)
+
+
+def run(*, pages: int, rounds: int, directory: str | None) -> int:
+    """Print the table (``directory`` None: ``$DEDUPBLK_BENCH_DIR``, else /var/tmp); a bad value
+    is `InvalidRequest` (``dedupblk bench`` and ``python -m dedupblk.bench`` show one line)."""
+    for name, value in (("pages", pages), ("rounds", rounds)):
+        if value < 1:
+            raise InvalidRequest(f"--{name} {value}: must be at least 1")
+    base = directory or os.environ.get(DIR_ENV) or DEFAULT_DIR
     try:
         workspace = tempfile.TemporaryDirectory(prefix="dedupblk-bench-", dir=base)
     except OSError as exc:
         raise InvalidRequest(f"cannot make a directory in {base}: {exc.strerror}") from None
-    with workspace as directory:
+    with workspace as scratch:
         print(
-            f"in-process store, {args.pages} random 4 KiB pages per run, "
-            f"median of {args.rounds} rounds, stores under {base}"
+            f"in-process store, {pages} random 4 KiB pages per run, "
+            f"median of {rounds} rounds, stores under {base}"
         )
         print(
             f"{'duplicates':>10} {'writes/s':>12} {'reads/s':>12} {'dedup ratio':>12} "
             f"{'stored pages':>13}"
         )
         for percent in (0, 50, 90):
-            results = [run_one(directory, args.pages, percent, seed) for seed in range(args.rounds)]
+            results = [run_one(scratch, pages, percent, seed) for seed in range(rounds)]
             print(
                 f"{percent:>9}% {statistics.median(r.writes_per_s for r in results):>12,.0f} "
                 f"{statistics.median(r.reads_per_s for r in results):>12,.0f} "

@@ -20,13 +20,16 @@ from typing import Any, Final
 import click
 from click.core import ParameterSource
 
+from . import bench as bench_module
 from .errors import DedupblkError, InvalidRequest
-from .sizes import parse_size
-from .store import check_store, create_store, open_store, read_statistics
+from .runtime import read_counters
+from .sizes import format_size, parse_size
+from .store import PAGE_SIZE, check_store, create_store, open_store, read_statistics
 from .store.check import describe_range
 from .store.format import DEFAULT_MAX_SHARE, FINGERPRINT_NAMES, FORMAT_VERSION
 from .store.upgrade import upgrade_store
 from .ublk.abi import MAX_NR_QUEUES, MAX_QUEUE_DEPTH
+from .usage import describe_usage, served_record
 
 # `dump` reads and writes this much at a time: its memory stays bounded whatever LENGTH is.
 DUMP_CHUNK: Final = 1 << 20
@@ -170,6 +173,15 @@ def create(
         overwrite_backend=overwrite_backend,
     )
     _echo(f"created {store}: {size} bytes" + (", preallocated" if preallocate else ""))
+    config, usage = read_statistics(store)
+    slots = usage.capacity_bytes // PAGE_SIZE
+    if slots < config.pages:
+        click.echo(
+            f"dedupblk: warning: the backend holds {slots} slots "
+            f"({format_size(usage.capacity_bytes)}); the device has {config.pages} pages: "
+            f"writes of more than {slots} distinct pages will fail with ENOSPC",
+            err=True,
+        )
 
 
 @main.command()
@@ -194,11 +206,48 @@ def info(store: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("store", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def stats(store: str, as_json: bool) -> None:
-    """Show usage; works while another process serves the store."""
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (raw integers): --format json.")
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["human", "json", "prometheus"]),
+    help="human (the default), json, or prometheus (for node_exporter's textfile collector).",
+)
+def stats(store: str, as_json: bool, output_format: str | None) -> None:
+    """Show usage; works while another process serves the store.
+
+    \b
+    logical    the bytes of the device's pages that are not zeros (in
+               slots, or kept inline as same-filled pages)
+    stored     the bytes of the slots in use ("used"; use% is stored
+               over the capacity, the backend's slots)
+    saved      logical minus stored; saving% is saved over logical
+    ratio      logical over stored (the dedup ratio)
+    zero pages read as zeros, take nothing, count in neither
+
+    While a server runs, its request and error counters are shown too. The serving process
+    writes them every 2 seconds to a counters file in its private runtime directory
+    ($DEDUPBLK_RUNTIME_DIR; /run/dedupblk for root; else $XDG_RUNTIME_DIR/dedupblk or
+    /tmp/dedupblk-UID), which stats reads while that process lives: run stats as the server's
+    user.
+    """
+    if as_json and output_format not in (None, "json"):
+        raise InvalidRequest(f"--json and --format {output_format}: give one")
+    shown = "json" if as_json else output_format or "human"
     _, statistics = read_statistics(store)
-    _print(asdict(statistics), as_json)
+    counters = read_counters(store)
+    if shown == "prometheus":
+        from .metrics import exposition  # noqa: PLC0415  (prometheus_client loads for this)
+
+        _echo(exposition(store, statistics, counters).rstrip("\n"))
+    elif shown == "json":
+        record: dict[str, Any] = asdict(statistics)
+        if counters is not None:
+            record["served"] = served_record(counters)
+        _echo(json.dumps(record, indent=2))
+    else:
+        for line in describe_usage(statistics, counters):
+            _echo(line)
 
 
 @main.command()
@@ -382,10 +431,26 @@ def _progress(
     help="ublk: with --swap, accept slots in a file or metadata on a disk (can hang the machine).",
 )
 @click.option("--recover", type=click.IntRange(min=0), help="ublk: reattach to this device id.")
+@click.option(
+    "--metrics",
+    metavar="[ADDR:]PORT",
+    help="Serve Prometheus metrics over HTTP (ADDR default 127.0.0.1; nbd: from nbdkit's process).",
+)
 @click.pass_context
 def serve(ctx: click.Context, /, store: str, frontend: str, **options: Any) -> None:
-    """Serve STORE as a block device over NBD (nbdkit) or ublk."""
+    """Serve STORE as a block device over NBD (nbdkit) or ublk.
+
+    With --metrics, http://ADDR:PORT/metrics answers in Prometheus' text format: the store's
+    gauges (dedupblk_logical_bytes, dedupblk_stored_bytes, ...), dedupblk_requests_total and
+    dedupblk_request_errors_total by op, and the dedupblk_commit_seconds and
+    dedupblk_flush_seconds histograms. `dedupblk stats --format prometheus` prints the gauges.
+    """
     _refuse_other_frontend_options(ctx, frontend)
+    metrics = None
+    if options["metrics"] is not None:
+        from .metrics import parse_address  # noqa: PLC0415  (prometheus_client: when served)
+
+        metrics = parse_address(options["metrics"])
     if frontend == "nbd":
         from .nbd import launcher  # noqa: PLC0415  (frontends load only when served)
 
@@ -400,6 +465,7 @@ def serve(ctx: click.Context, /, store: str, frontend: str, **options: Any) -> N
             tls_certificates=options["tls_certificates"],
             tls_psk=options["tls_psk"],
             tcp_without_tls_for_every_local_user=options["tcp_without_tls_for_every_local_user"],
+            metrics=metrics,
         )
     else:
         from .frontends import ublk  # noqa: PLC0415
@@ -414,6 +480,7 @@ def serve(ctx: click.Context, /, store: str, frontend: str, **options: Any) -> N
             swap_discard=options["swap_discard"],
             swap_placement_may_hang=options["swap_placement_may_hang"],
             recover=options["recover"],
+            metrics=metrics,
         )
     sys.exit(code)
 
@@ -473,13 +540,35 @@ def devices(cleanup: bool, as_json: bool) -> None:
         )
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench(args: tuple[str, ...]) -> None:
-    """In-process store benchmark (see python -m dedupblk.bench --help)."""
-    from . import bench as bench_module  # noqa: PLC0415
+@main.command()
+@click.option(
+    "--pages",
+    type=int,
+    default=bench_module.DEFAULT_PAGES,
+    show_default=True,
+    help="Pages written (then read) per workload; at least 1.",
+)
+@click.option(
+    "--rounds",
+    type=int,
+    default=bench_module.DEFAULT_ROUNDS,
+    show_default=True,
+    help="Rounds per workload (the median is shown); at least 1.",
+)
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False),
+    help=f"An existing directory for the stores, not on tmpfs (default: "
+    f"${bench_module.DIR_ENV}, else {bench_module.DEFAULT_DIR}).",
+)
+def bench(pages: int, rounds: int, directory: str | None) -> None:
+    """In-process store benchmark: 4 KiB page writes/s and reads/s at 0%, 50% and 90% duplicates.
 
-    sys.exit(bench_module.main(list(args)))
+    Each workload writes PAGES random pages with group commit and a final flush, then reads as
+    many; figures are medians over the rounds, comparable only within one run.
+    """
+    sys.exit(bench_module.run(pages=pages, rounds=rounds, directory=directory))
 
 
 @main.command()

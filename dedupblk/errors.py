@@ -99,3 +99,9 @@ class UblkError(DedupblkError):
 
 class NbdError(DedupblkError):
     """The NBD server could not start: nbdkit missing, or its socket held by another server."""
+
+
+class MetricsError(DedupblkError):
+    """The metrics endpoint could not be served: its address is taken or not this host's."""
+
+    errno = errnos.EADDRINUSE

@@ -3,11 +3,15 @@
 `RequestHandler` translates the requests of one queue pass into calls on the device and answers
 each with its result; `serve` opens a store and hands it to a `dedupblk.ublk.server.Server`,
 `serve_block_store` does the same for any device.  The kernel side is `dedupblk.ublk`; life
-cycle, crash and recovery: docs/ublk.md; swap safety and placement: docs/swap.md.
+cycle, crash and recovery: docs/ublk.md; swap safety and placement: docs/swap.md.  `serve` also
+keeps the server's metrics (`dedupblk.metrics`): request counters the handler adds to once per
+pass, the store's commit and flush latencies, the counters file ``dedupblk stats`` reads
+(`dedupblk.runtime`) and, with ``metrics``, a Prometheus endpoint in this process.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -15,6 +19,8 @@ from typing import Final
 
 from dedupblk.device import BlockDevice
 from dedupblk.errors import DedupblkError, InvalidRequest
+from dedupblk.metrics import ServerMetrics
+from dedupblk.runtime import CountersWriter
 from dedupblk.store import PAGE_SIZE, open_store
 from dedupblk.ublk.abi import (
     SECTOR_SHIFT,
@@ -42,6 +48,14 @@ _OP_NAMES: Final = {
     UBLK_IO_OP_DISCARD: "DISCARD",
     UBLK_IO_OP_WRITE_ZEROES: "WRITE_ZEROES",
 }
+# The store call each operation becomes: the ``op`` label of the request counters.
+_METRIC_OPS: Final = {
+    UBLK_IO_OP_READ: "read",
+    UBLK_IO_OP_WRITE: "write",
+    UBLK_IO_OP_FLUSH: "flush",
+    UBLK_IO_OP_DISCARD: "trim",
+    UBLK_IO_OP_WRITE_ZEROES: "write_zeroes",
+}
 
 
 def errno_result(exc: BaseException, request: str) -> int:
@@ -64,18 +78,24 @@ class RequestHandler:
     failed commit or flush fails exactly the requests that depended on it.  Only then do the
     results go to the kernel, so when the kernel completes a write it survives a crash of this
     server, and a FLUSH or FUA one a crash of the machine.  One handler serves every queue.
+
+    With ``metrics``, each pass adds its requests to the counters once per operation, and each
+    failed request (its own failure, or its commit's or flush's) to the error counters.
     """
 
-    def __init__(self, device: BlockDevice) -> None:
+    def __init__(self, device: BlockDevice, metrics: ServerMetrics | None = None) -> None:
         self.device = device
+        self.metrics = metrics
 
     def handle(self, q_id: int, batches: Iterable[Sequence[Request]]) -> list[tuple[int, int]]:
         """Answer one pass of queue ``q_id``: ``(tag, result)`` for every request, in order."""
         device = self.device
         tags: list[int] = []
+        ops: list[int] = []
         results: list[int] = []
         changed: list[int] = []  # writes, discards, write-zeroes: need the commit
         durable: list[int] = []  # FLUSH and FUA requests: need the flush
+        failed = False
         for batch in batches:
             for tag, op_flags, nr_sectors, start_sector, buffer in batch:
                 index = len(results)
@@ -83,6 +103,7 @@ class RequestHandler:
                 offset = start_sector << SECTOR_SHIFT
                 length = nr_sectors << SECTOR_SHIFT
                 tags.append(tag)
+                ops.append(op)
                 result = 0
                 try:
                     if op == UBLK_IO_OP_WRITE:
@@ -104,26 +125,45 @@ class RequestHandler:
                         changed.append(index)
                     else:
                         result = -errno.EOPNOTSUPP
+                        failed = True
                     if op_flags & UBLK_IO_F_FUA and result >= 0:
                         durable.append(index)
                 except Exception as exc:  # noqa: BLE001 -- every failure becomes this request's errno
                     result = errno_result(exc, _describe(q_id, tag, op, offset, length))
+                    failed = True
                 results.append(result)
         if changed:
-            _covering(device.commit, changed, results, f"ublk queue {q_id}: commit")
+            failed |= _covering(device.commit, changed, results, f"ublk queue {q_id}: commit")
         if durable:
-            _covering(device.flush, durable, results, f"ublk queue {q_id}: flush")
+            failed |= _covering(device.flush, durable, results, f"ublk queue {q_id}: flush")
+        if self.metrics is not None:
+            _count(self.metrics, ops, results if failed else None)
         return list(zip(tags, results, strict=True))
 
 
-def _covering(step: Callable[[], None], covered: list[int], results: list[int], what: str) -> None:
-    """Run ``step`` (a commit or a flush); if it fails, so do the requests at ``covered``."""
+def _covering(step: Callable[[], None], covered: list[int], results: list[int], what: str) -> bool:
+    """Run ``step`` (a commit or a flush); if it fails, so do the requests at ``covered``.
+    Whether it failed."""
     try:
         step()
     except Exception as exc:  # noqa: BLE001 -- fails exactly the requests it covers
         result = errno_result(exc, what)
         for index in covered:
             results[index] = result
+        return True
+    return False
+
+
+def _count(metrics: ServerMetrics, ops: list[int], results: list[int] | None) -> None:
+    """Add a pass's requests to the counters, one increment per operation; with ``results``
+    (some failed), its failures to the error counters."""
+    metrics.count_pass(
+        (_METRIC_OPS.get(op, "other"), count) for op, count in collections.Counter(ops).items()
+    )
+    if results is not None:
+        for op, result in zip(ops, results, strict=True):
+            if result < 0:
+                metrics.request_failed(_METRIC_OPS.get(op, "other"), -result)
 
 
 def _check_fits(length: int, capacity: int) -> None:
@@ -147,13 +187,16 @@ def serve(
     swap_discard: bool | None = None,
     swap_placement_may_hang: bool = False,
     recover: int | None = None,
+    metrics: tuple[str, int] | None = None,
 ) -> int:
     """Serve the store at ``store_path`` as /dev/ublkbN until SIGTERM/SIGINT/SIGHUP; exit code.
 
     Prints the block device's path alone on a line of stdout once the device is started (and,
-    with ``swap``, swap is on).  Raises `DedupblkError` (`InvalidRequest` for bad arguments or
-    an unsafe placement, which includes one measured to hang unless ``swap_placement_may_hang``;
-    `UblkError` for the kernel side) if serving cannot begin.  Must run in the main thread.
+    with ``swap``, swap is on).  With ``metrics`` (address, port), serves Prometheus metrics
+    over HTTP there from the start.  Raises `DedupblkError` (`InvalidRequest` for bad arguments
+    or an unsafe placement, which includes one measured to hang unless
+    ``swap_placement_may_hang``; `UblkError` for the kernel side; `MetricsError` for a metrics
+    address that is taken) if serving cannot begin.  Must run in the main thread.
     """
     server = Server(
         queues=queues, depth=depth, dev_id=dev_id, swap=swap, swap_priority=swap_priority,
@@ -166,12 +209,24 @@ def serve(
         # Every pass commits its own batch before answering the kernel: no timed commits (their
         # thread would compete with the queue threads for the GIL). Few slot contents are kept:
         # every byte of this process is locked in memory (docs/measurements.md, "Server memory").
-        with open_store(store_path, group_commit=False, slot_cache_pages=SLOT_CACHE_PAGES) as store:
+        counted = ServerMetrics(store_path)
+        with open_store(
+            store_path, group_commit=False, slot_cache_pages=SLOT_CACHE_PAGES, observer=counted
+        ) as store:
             check_placement(
                 store.path, store.backend_path, slots_preallocated=store.backend_preallocated,
                 swap=swap, serving_dev_id=recover, may_hang=swap_placement_may_hang,
             )  # fmt: skip
-            return server.run(RequestHandler(store), size=store.size)
+            counted.watch(store.statistics)
+            if metrics is not None:
+                counted.serve(metrics)  # before the device exists: a taken port adds none
+            counters_file = CountersWriter(store_path, counted.snapshot)
+            counters_file.start()
+            try:
+                return server.run(RequestHandler(store, counted), size=store.size)
+            finally:
+                counted.stop_serving()  # no scrape of a closed store
+                counters_file.stop()
 
 
 def serve_block_store(

@@ -17,7 +17,10 @@ Life cycle, in nbdkit's order (see nbdkit-plugin(3)):
   locked or mismatched store stops nbdkit with a one-line error before it serves anything.
 - `after_fork()`: opens the store for serving. An LMDB environment must not cross a fork, and
   nbdkit forks into the background between `get_ready` and `after_fork`. With `control-fd=`, it
-  also starts the control thread (`NbdkitPlugin.stop_when_told`).
+  also starts the control thread (`NbdkitPlugin.stop_when_told`). It starts the threads of the
+  server's metrics too (`dedupblk.metrics.ServerMetrics`): the counters file `dedupblk stats`
+  reads (`dedupblk.runtime`) and, with `metrics=`, the HTTP server of the Prometheus endpoint
+  (its address was tried in `get_ready`, so a taken one stops nbdkit before it serves).
 - request callbacks (`pread`, `pwrite`, ...), from nbdkit's worker threads. There is one store for
   all connections; it is thread-safe and a flush makes every connection's writes durable, which
   is why `can_multi_conn` is true.
@@ -30,7 +33,8 @@ Life cycle, in nbdkit's order (see nbdkit-plugin(3)):
 
 Errors are translated in one place, `NbdkitPlugin.failure`: a `DedupblkError` becomes its `.errno`,
 anything else is a bug and becomes EIO with its traceback in nbdkit's error log. nbdkit then
-answers that one request with the error and keeps serving.
+answers that one request with the error and keeps serving. Each request is counted once as it
+enters that boundary (`_request`), each failure once in `failure`.
 """
 
 from __future__ import annotations
@@ -43,10 +47,12 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Concatenate, Final, NoReturn, ParamSpec, Protocol, TypeVar
+from typing import Any, Concatenate, Final, NoReturn, ParamSpec, Protocol, TypeVar
 
 from dedupblk.device import BlockDevice
-from dedupblk.errors import DedupblkError, NotAStore, StoreExists
+from dedupblk.errors import DedupblkError, MetricsError, NotAStore, StoreExists
+from dedupblk.metrics import ServerMetrics, check_address_free
+from dedupblk.runtime import CountersWriter
 from dedupblk.store import PAGE_SIZE, Store, create_store, open_store
 from dedupblk.store.format import DEFAULT_MAX_SHARE
 
@@ -83,6 +89,16 @@ MAXIMUM_EXTENTS_SPAN: Final = 1024 * 1024 * 1024
 SHUTDOWN_GRACE_SECONDS: Final = 2.0
 
 
+# The store call each request callback becomes: the ``op`` label of the request counters.
+REQUEST_OPS: Final = {
+    "pread": "read",
+    "pwrite": "write",
+    "zero": "write_zeroes",
+    "trim": "trim",
+    "flush": "flush",
+    "extents": "extents",
+}
+
 T = TypeVar("T")
 P = ParamSpec("P")
 
@@ -109,11 +125,15 @@ class InternalError(Exception):
 def _request(
     method: Callable[Concatenate[NbdkitPlugin, P], T],
 ) -> Callable[Concatenate[NbdkitPlugin, P], T]:
-    """Run a request callback inside the error boundary (`NbdkitPlugin.failure`)."""
+    """Run a request callback inside the error boundary (`NbdkitPlugin.failure`), counted."""
     callback = method.__name__
+    op = REQUEST_OPS[callback]
 
     @functools.wraps(method)
     def run(self: NbdkitPlugin, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        counters = self._request_counters
+        if counters:
+            counters[op].inc()
         try:
             return method(self, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001  (the boundary: every failure gets an errno)
@@ -142,6 +162,10 @@ class NbdkitPlugin:
         self._store: Store | None = None
         # Held while the store closes: cleanup and the control thread may both try.
         self._closing = threading.Lock()
+        self._metrics: ServerMetrics | None = None
+        self._counters_file: CountersWriter | None = None
+        # ``op`` -> its request counter, once serving (see `_request`).
+        self._request_counters: dict[str, Any] = {}
 
     # ---- configuration (foreground, before serving) ----
 
@@ -191,6 +215,8 @@ class NbdkitPlugin:
             # the serving handle is opened after nbdkit's fork (see the module docstring).
             with open_store(settings.store, readonly=settings.readonly) as store:
                 size = store.size
+            if settings.metrics is not None:
+                check_address_free(settings.metrics)
         except NotAStore as exc:
             raise ParameterError(f"{exc} (size=SIZE creates it)") from None
         except DedupblkError as exc:
@@ -202,10 +228,22 @@ class NbdkitPlugin:
 
     def after_fork(self) -> None:
         settings = self.settings
+        metrics = ServerMetrics(settings.store)
         try:
-            self._store = open_store(settings.store, readonly=settings.readonly)
+            self._store = open_store(settings.store, readonly=settings.readonly, observer=metrics)
         except DedupblkError as exc:
             raise ParameterError(str(exc)) from None
+        metrics.watch(self._store.statistics)
+        if settings.metrics is not None:
+            try:
+                metrics.serve(settings.metrics)
+            except MetricsError as exc:
+                self._store.close()
+                raise ParameterError(str(exc)) from None
+        self._metrics = metrics
+        self._counters_file = CountersWriter(settings.store, metrics.snapshot)
+        self._counters_file.start()
+        self._request_counters = metrics.requests
         self._host.debug(f"dedupblk: serving {settings.store} ({self._store.size} bytes)")
         if settings.control_fd is not None:
             threading.Thread(
@@ -222,8 +260,14 @@ class NbdkitPlugin:
         # The store object stays: requests still in flight or arriving later get "the store is
         # closed" (EIO), never an unopened store.
         with self._closing:
-            if self._store is not None:
-                self._store.close()
+            if self._metrics is not None:
+                self._metrics.stop_serving()  # no scrape of a closed store
+            try:
+                if self._store is not None:
+                    self._store.close()
+            finally:
+                if self._counters_file is not None:
+                    self._counters_file.stop()  # the last counters
 
     def stop_when_told(self, control_fd: int) -> None:
         """Wait until the control pipe's write end is closed (or anything is written to it),
@@ -259,10 +303,15 @@ class NbdkitPlugin:
         its one-line message. Anything else is a bug: EIO, and an InternalError whose message is
         the traceback, so it reaches nbdkit's log whatever `sys.tracebacklimit` says.
         """
+        metrics, op = self._metrics, REQUEST_OPS.get(callback, "other")
         if isinstance(exc, DedupblkError):
             self._host.set_error(exc.errno)
+            if metrics is not None:
+                metrics.request_failed(op, exc.errno)
             return exc
         self._host.set_error(errno.EIO)
+        if metrics is not None:
+            metrics.request_failed(op, errno.EIO)
         trace = "".join(traceback.format_exception(exc, limit=64)).rstrip()
         return InternalError(f"{callback}: unexpected error, returning EIO\n{trace}")
 

@@ -46,6 +46,7 @@ from pathlib import Path
 from types import FrameType
 
 from dedupblk.errors import InvalidRequest, NbdError
+from dedupblk.metrics import format_address
 
 PLUGIN = Path(__file__).resolve().parents[1] / "frontends" / "nbdkit_plugin.py"
 # The directory that holds the `dedupblk` package (a checkout's root, or site-packages).
@@ -214,6 +215,7 @@ def nbdkit_command(
     tls_psk: str | None = None,
     control_fd: int | None = None,
     extra_args: Sequence[str] = (),
+    metrics: tuple[str, int] | None = None,
 ) -> list[str]:
     command = [NBDKIT, "--pidfile", pidfile]
     if foreground:
@@ -238,6 +240,8 @@ def nbdkit_command(
         command.append("readonly=true")
     if control_fd is not None:
         command.append(f"control-fd={control_fd}")
+    if metrics is not None:
+        command.append(f"metrics={format_address(metrics)}")  # served by the plugin's process
     return command
 
 
@@ -288,8 +292,11 @@ def serve(
     tls_psk: str | None = None,
     tcp_without_tls_for_every_local_user: bool = False,
     extra_args: Sequence[str] = (),
+    metrics: tuple[str, int] | None = None,
 ) -> int:
     """Serve ``store_path`` over NBD with nbdkit; print the URI once it accepts connections.
+
+    With ``metrics`` (address, port), the plugin serves Prometheus metrics over HTTP there.
 
     Returns the exit code for the CLI: nbdkit's own in the foreground (0 after a clean stop by
     SIGTERM/SIGINT), 0 once the background server is up, and nbdkit's nonzero code if it failed
@@ -343,6 +350,7 @@ def serve(
         pidfile=str(starting),
         control_fd=control_read,
         extra_args=extra_args,
+        metrics=metrics,
     )
     tls_used = tls_mode(tls, credentials=credentials) in ("on", "require")
     uri = nbd_uri(socket=socket, port=port, bind=bind, tls=tls_used)

@@ -11,6 +11,8 @@ checked together once all are in (`Settings.from_parameters`).
     thread-model=serialize|parallel   nbdkit's thread model (default serialize; for benchmarks)
     control-fd=N               (given by `dedupblk serve`) an inherited pipe's read end: when it
                                is closed, the store is closed and nbdkit ended, idle clients or not
+    metrics=[ADDR:]PORT        serve Prometheus metrics over HTTP there (ADDR default 127.0.0.1;
+                               `dedupblk.metrics` lists them)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from typing import Final, TypeVar
 
 from dedupblk.errors import InvalidRequest
+from dedupblk.metrics import parse_address
 from dedupblk.sizes import parse_size as parse_size_text
 from dedupblk.store import PAGE_SIZE
 
@@ -113,6 +116,15 @@ def parse_thread_model(key: str, value: str) -> str:
     return value
 
 
+def parse_metrics_address(key: str, value: str) -> tuple[str, int]:
+    try:
+        return parse_address(value)
+    except InvalidRequest:
+        raise ParameterError(
+            f"{key}={value}: not PORT, ADDR:PORT or [IPV6]:PORT (port 1-65535)"
+        ) from None
+
+
 PARSERS: Final[dict[str, Callable[[str, str], object]]] = {
     "store": parse_path,
     "size": parse_size,
@@ -123,6 +135,7 @@ PARSERS: Final[dict[str, Callable[[str, str], object]]] = {
     "readonly": parse_bool,
     "thread-model": parse_thread_model,
     "control-fd": parse_count,
+    "metrics": parse_metrics_address,
 }
 
 
@@ -150,6 +163,7 @@ class Settings:
     readonly: bool = False
     thread_model: str = DEFAULT_THREAD_MODEL
     control_fd: int | None = None
+    metrics: tuple[str, int] | None = None
 
     @classmethod
     def from_parameters(cls, params: dict[str, object]) -> Settings:
@@ -173,6 +187,7 @@ class Settings:
             readonly=params.get("readonly") is True,
             thread_model=str(params.get("thread-model", DEFAULT_THREAD_MODEL)),
             control_fd=_optional_int(params, "control-fd"),
+            metrics=_optional_address(params, "metrics"),
         )
 
 
@@ -184,3 +199,12 @@ def _optional_int(params: dict[str, object], key: str) -> int | None:
 def _optional_str(params: dict[str, object], key: str) -> str | None:
     value = params.get(key)
     return value if isinstance(value, str) else None
+
+
+def _optional_address(params: dict[str, object], key: str) -> tuple[str, int] | None:
+    value = params.get(key)
+    if isinstance(value, tuple) and len(value) == 2:
+        host, port = value
+        if isinstance(host, str) and isinstance(port, int):
+            return host, port
+    return None

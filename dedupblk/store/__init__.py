@@ -22,7 +22,7 @@ from .check import CheckResult, Problem
 from .create import create_store
 from .format import PAGE_SIZE, Config
 from .stats import Statistics, read_statistics
-from .store import Store, check_store, open_store
+from .store import Store, StoreObserver, check_store, open_store
 
 __all__ = [
     "PAGE_SIZE",
@@ -41,6 +41,7 @@ __all__ = [
     "StoreExists",
     "StoreFull",
     "StoreLocked",
+    "StoreObserver",
     "check_store",
     "create_store",
     "open_store",

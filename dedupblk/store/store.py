@@ -22,6 +22,9 @@ as a disk reports a failed write-back at the next cache flush. A failed sync can
 (Linux may have dropped the pages): the store then refuses every write and flush until reopened.
 
 Every public method takes the store's lock, so any thread may call any method.
+
+Timings: a `StoreObserver` given to `open_store` is told how long each commit and each flush
+took (a frontend's latency histograms, `dedupblk.metrics`); the store knows nothing of metrics.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import (
     BackendError,
@@ -84,6 +87,23 @@ _U32_AT = struct.Struct("<I").unpack_from
 _pack_map_key = MAP_KEY.pack
 
 
+class StoreObserver(Protocol):
+    """Told the duration of each commit and flush (`open_store`'s ``observer``).
+
+    Called with the store's lock held, from whichever thread committed or flushed (the committer
+    thread too), also when the commit or flush failed: must be quick, must not raise and must
+    not call the store.
+    """
+
+    def committed(self, seconds: float) -> None:
+        """One batch was committed (or failed to be) in ``seconds``, its data sync included."""
+        ...
+
+    def flushed(self, seconds: float) -> None:
+        """One flush (commit, then make it durable) took ``seconds``."""
+        ...
+
+
 def open_store(
     path: str | os.PathLike[str],
     *,
@@ -91,6 +111,7 @@ def open_store(
     fingerprint: FingerprintFn | None = None,
     group_commit: bool = True,
     slot_cache_pages: int = SLOT_CACHE_PAGES,
+    observer: StoreObserver | None = None,
 ) -> Store:
     """Open a store: exclusively for writing, or shared with other read-only openers.
 
@@ -98,8 +119,9 @@ def open_store(
     different pages apart). ``group_commit=False`` is for a caller that commits every batch
     itself (the ublk server, once per pass): no background thread then commits on a timer, so
     none competes with the request path. ``slot_cache_pages`` bounds the slot contents kept in
-    memory (a server whose memory is locked keeps fewer). Use as a context manager;
-    `Store.close` flushes.
+    memory (a server whose memory is locked keeps fewer). ``observer`` is told how long each
+    commit and flush takes (see `StoreObserver`). Use as a context manager; `Store.close`
+    flushes.
     """
     return Store(
         os.fspath(path),
@@ -107,6 +129,7 @@ def open_store(
         fingerprint=fingerprint or xxh3_128,
         group_commit=group_commit,
         slot_cache_pages=slot_cache_pages,
+        observer=observer,
     )
 
 
@@ -139,6 +162,7 @@ class Store:
         fingerprint: FingerprintFn,
         group_commit: bool = True,
         slot_cache_pages: int = SLOT_CACHE_PAGES,
+        observer: StoreObserver | None = None,
     ) -> None:
         if not os.path.isfile(os.path.join(store_dir, META_DIR, "data.mdb")):
             kind = "no such store" if not os.path.exists(store_dir) else "not a dedupblk store"
@@ -179,6 +203,7 @@ class Store:
         # page is verified without a read from the backend (bounded; see `_remember_slots`).
         self._slot_cache: dict[int, bytes] = {}
         self._slot_cache_pages = slot_cache_pages
+        self._observer = observer
         self._wake = threading.Condition(self._lock)
         if not readonly:
             try:
@@ -671,6 +696,17 @@ class Store:
             self._commit_batch(self._take_pending(), unlock=False)
 
     def _commit_batch(self, batch: dict[int, Pending], *, unlock: bool) -> None:
+        """Commit ``batch``, timed for the observer."""
+        if self._observer is None:
+            self._commit_batch_untimed(batch, unlock=unlock)
+            return
+        start = time.perf_counter()
+        try:
+            self._commit_batch_untimed(batch, unlock=unlock)
+        finally:
+            self._observer.committed(time.perf_counter() - start)
+
+    def _commit_batch_untimed(self, batch: dict[int, Pending], *, unlock: bool) -> None:
         """Commit ``batch``. A batch that fails is not kept: the pages it could not commit read
         as what was committed before them, and the error is the caller's and the next commit's
         or flush's (see the module docstring). After a failed sync nothing more is committed."""
@@ -809,6 +845,16 @@ class Store:
         commit that failed since the last flush."""
         if self.readonly or self._closed:
             return
+        if self._observer is None:
+            self._flush_untimed()
+            return
+        start = time.perf_counter()
+        try:
+            self._flush_untimed()
+        finally:
+            self._observer.flushed(time.perf_counter() - start)
+
+    def _flush_untimed(self) -> None:
         self._commit_locked()
         if self.volatile is None and self._unsynced:
             try:

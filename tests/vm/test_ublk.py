@@ -29,6 +29,8 @@ BLOCK_CHECKS = [
     "blkdiscard lowers stored_pages",
     "SIGKILL then --recover resumes I/O on the same device",
     "devices --cleanup deletes a dead server's device",
+    "serve --metrics: request counters and store gauges match what was written",
+    "stats shows the ublk server's counters",
 ]
 SWAP_CHECKS = [
     "a swap store on tmpfs is refused",

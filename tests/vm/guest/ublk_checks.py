@@ -3,7 +3,8 @@
 Runs inside the VM with the project's venv python (``python tests/vm/guest/ublk_checks.py GROUP``):
 
 - ``block``: fio verify across a server restart, ext4 with fsck and checksums, blkdiscard, crash
-  and ``--recover``, ``devices --cleanup``.
+  and ``--recover``, ``devices --cleanup``, ``serve --metrics`` scraped over HTTP and the
+  server's counters in ``stats``.
 - ``swap``: the tmpfs refusal, then real swap on the device with the whole guest out of memory,
   in the README's swap placement: the store's directory (its LMDB metadata) preallocated on a
   ramfs mounted at /run/dedupblk, its slots on a block device of their own (the harness's raw
@@ -45,9 +46,12 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from dedupblk.ublk.control import Device, list_devices
 from dedupblk.ublk.hardening import set_io_flusher
@@ -288,6 +292,72 @@ def block_checks() -> None:
         require(f"deleted ublk device {server.dev_id}" in out, f"cleanup said: {out!r}")
         require(devices() == [], f"devices left: {devices()}")
         require(not Path(server.path).exists(), f"{server.path} still exists")
+        cli("check", store)
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The samples of a server's metrics endpoint, read by prometheus_client's own parser."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as answer:
+        text = answer.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def metrics_checks() -> None:
+    """``serve --metrics`` on a fresh store: N unique pages, then the same N again elsewhere."""
+    store = "/scratch/metrics-store"
+    port = 9464
+    pages = 256
+    cli("create", store, "--size", "64M")
+    run("ip", "link", "set", "lo", "up")  # the guest's loopback starts down
+
+    with check("serve --metrics: request counters and store gauges match what was written"):
+        server = Server(store, "--metrics", str(port))
+        unique = os.urandom(pages * PAGE)
+        (WORK / "unique").write_bytes(unique)
+        for seek in (0, 4 * pages):  # one 4 KiB write request a page, then a flush
+            run("dd", f"if={WORK / 'unique'}", f"of={server.path}", "bs=4k", f"seek={seek}",
+                "oflag=direct", "conv=fsync")  # fmt: skip
+        found = scrape(port)
+        label = ("store", store)
+
+        def metric(name: str, **labels: str) -> float:
+            return found.get((name, frozenset({label, *labels.items()})), -1.0)
+
+        writes = metric("dedupblk_requests_total", op="write")
+        require(writes >= 2 * pages, f"dedupblk_requests_total{{op=write}} {writes}")
+        require(metric("dedupblk_requests_total", op="flush") >= 2, "flush requests")
+        stored = metric("dedupblk_stored_bytes")
+        require(stored == pages * PAGE, f"dedupblk_stored_bytes {stored}, not {pages * PAGE}")
+        logical = metric("dedupblk_logical_bytes")
+        require(logical == 2 * pages * PAGE, f"dedupblk_logical_bytes {logical}")
+        require(metric("dedupblk_saved_bytes") == pages * PAGE, "dedupblk_saved_bytes")
+        require(metric("dedupblk_commit_seconds_count") >= 1, "no commit timed")
+        require(metric("dedupblk_flush_seconds_count") >= 2, "no flush timed")
+        errors = [key for key, value in found.items()
+                  if key[0] == "dedupblk_request_errors_total" and value]  # fmt: skip
+        require(not errors, f"errors counted: {errors}")
+
+    with check("stats shows the ublk server's counters"):
+
+        def served() -> dict[str, object]:
+            record = json.loads(cli("stats", store, "--json").stdout).get("served")
+            return record if isinstance(record, dict) else {}
+
+        def counted() -> bool:
+            requests = served().get("requests")
+            return isinstance(requests, dict) and requests.get("write", 0) >= 2 * pages
+
+        wait_for(counted, "the counters file to show the writes")
+        require(served().get("pid") == server.pid, f"served by {served().get('pid')}")
+        shown = cli("stats", store).stdout
+        require(f"pid {server.pid}" in shown and "write " in shown, shown)
+        code = server.stop()
+        require(code == 0, f"exit {code}: {server.errors()}")
+        require("served" not in json.loads(cli("stats", store, "--json").stdout), "still served")
         cli("check", store)
 
 
@@ -675,6 +745,7 @@ def main() -> None:
         allocate(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
     elif group == "block":
         block_checks()
+        metrics_checks()
     elif group == "swap":
         swap_checks(whole_machine=True, placement="blockdev")
     elif group == "swap-cgroup":
