@@ -21,6 +21,7 @@ import click
 from click.core import ParameterSource
 
 from . import bench as bench_module
+from .counters import parse_address
 from .errors import DedupblkError, InvalidRequest
 from .runtime import read_counters
 from .sizes import format_size, parse_size
@@ -448,8 +449,6 @@ def serve(ctx: click.Context, /, store: str, frontend: str, **options: Any) -> N
     _refuse_other_frontend_options(ctx, frontend)
     metrics = None
     if options["metrics"] is not None:
-        from .metrics import parse_address  # noqa: PLC0415  (prometheus_client: when served)
-
         metrics = parse_address(options["metrics"])
     if frontend == "nbd":
         from .nbd import launcher  # noqa: PLC0415  (frontends load only when served)

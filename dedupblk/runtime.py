@@ -1,7 +1,7 @@
 """What a serving process leaves for ``dedupblk stats`` in another process: its counters file.
 
 A server (the nbdkit plugin or the ublk frontend) counts its requests in memory
-(`dedupblk.metrics.ServerMetrics`). Every `SNAPSHOT_SECONDS`, when they changed, and once more
+(`dedupblk.counters.ServerCounters`). Every `SNAPSHOT_SECONDS`, when they changed, and once more
 when it stops, it writes them as a small JSON record to ``<runtime dir>/<store name>-<hash of
 the store's real path>.counters``; `read_counters` gives that record back only while the process
 that wrote it is alive (its pid, and its start time so that a reused pid does not count). The

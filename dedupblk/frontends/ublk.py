@@ -4,7 +4,7 @@
 each with its result; `serve` opens a store and hands it to a `dedupblk.ublk.server.Server`,
 `serve_block_store` does the same for any device.  The kernel side is `dedupblk.ublk`; life
 cycle, crash and recovery: docs/ublk.md; swap safety and placement: docs/swap.md.  `serve` also
-keeps the server's metrics (`dedupblk.metrics`): request counters the handler adds to once per
+keeps the server's counters (`dedupblk.counters`): request counters the handler adds to once per
 pass, the store's commit and flush latencies, the counters file ``dedupblk stats`` reads
 (`dedupblk.runtime`) and, with ``metrics``, a Prometheus endpoint in this process.
 """
@@ -17,9 +17,9 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
+from dedupblk.counters import ServerCounters
 from dedupblk.device import BlockDevice
 from dedupblk.errors import DedupblkError, InvalidRequest
-from dedupblk.metrics import ServerMetrics
 from dedupblk.runtime import CountersWriter
 from dedupblk.store import PAGE_SIZE, open_store
 from dedupblk.ublk.abi import (
@@ -83,7 +83,7 @@ class RequestHandler:
     failed request (its own failure, or its commit's or flush's) to the error counters.
     """
 
-    def __init__(self, device: BlockDevice, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, device: BlockDevice, metrics: ServerCounters | None = None) -> None:
         self.device = device
         self.metrics = metrics
 
@@ -154,7 +154,7 @@ def _covering(step: Callable[[], None], covered: list[int], results: list[int], 
     return False
 
 
-def _count(metrics: ServerMetrics, ops: list[int], results: list[int] | None) -> None:
+def _count(metrics: ServerCounters, ops: list[int], results: list[int] | None) -> None:
     """Add a pass's requests to the counters, one increment per operation; with ``results``
     (some failed), its failures to the error counters."""
     metrics.count_pass(
@@ -209,7 +209,7 @@ def serve(
         # Every pass commits its own batch before answering the kernel: no timed commits (their
         # thread would compete with the queue threads for the GIL). Few slot contents are kept:
         # every byte of this process is locked in memory (docs/measurements.md, "Server memory").
-        counted = ServerMetrics(store_path)
+        counted = ServerCounters()
         with open_store(
             store_path, group_commit=False, slot_cache_pages=SLOT_CACHE_PAGES, observer=counted
         ) as store:
@@ -217,15 +217,21 @@ def serve(
                 store.path, store.backend_path, slots_preallocated=store.backend_preallocated,
                 swap=swap, serving_dev_id=recover, may_hang=swap_placement_may_hang,
             )  # fmt: skip
-            counted.watch(store.statistics)
+            exported = None
             if metrics is not None:
-                counted.serve(metrics)  # before the device exists: a taken port adds none
+                # Loaded only when asked for: its memory would be locked (`dedupblk.counters`).
+                from dedupblk.metrics import ServerMetrics  # noqa: PLC0415
+
+                exported = ServerMetrics(store_path, counted)
+                exported.watch(store.statistics)
+                exported.serve(metrics)  # before the device exists: a taken port adds none
             counters_file = CountersWriter(store_path, counted.snapshot)
             counters_file.start()
             try:
                 return server.run(RequestHandler(store, counted), size=store.size)
             finally:
-                counted.stop_serving()  # no scrape of a closed store
+                if exported is not None:
+                    exported.stop_serving()  # no scrape of a closed store
                 counters_file.stop()
 
 

@@ -18,7 +18,7 @@ Life cycle, in nbdkit's order (see nbdkit-plugin(3)):
 - `after_fork()`: opens the store for serving. An LMDB environment must not cross a fork, and
   nbdkit forks into the background between `get_ready` and `after_fork`. With `control-fd=`, it
   also starts the control thread (`NbdkitPlugin.stop_when_told`). It starts the threads of the
-  server's metrics too (`dedupblk.metrics.ServerMetrics`): the counters file `dedupblk stats`
+  server's counters too (`dedupblk.counters`): the counters file `dedupblk stats`
   reads (`dedupblk.runtime`) and, with `metrics=`, the HTTP server of the Prometheus endpoint
   (its address was tried in `get_ready`, so a taken one stops nbdkit before it serves).
 - request callbacks (`pread`, `pwrite`, ...), from nbdkit's worker threads. There is one store for
@@ -47,16 +47,19 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any, Concatenate, Final, NoReturn, ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, Concatenate, Final, NoReturn, ParamSpec, Protocol, TypeVar
 
+from dedupblk.counters import ServerCounters, check_address_free
 from dedupblk.device import BlockDevice
 from dedupblk.errors import DedupblkError, MetricsError, NotAStore, StoreExists
-from dedupblk.metrics import ServerMetrics, check_address_free
 from dedupblk.runtime import CountersWriter
 from dedupblk.store import PAGE_SIZE, Store, create_store, open_store
 from dedupblk.store.format import DEFAULT_MAX_SHARE
 
 from .params import THREAD_MODELS, ParameterError, Settings, parse_parameter
+
+if TYPE_CHECKING:
+    from dedupblk.metrics import ServerMetrics
 
 # Values fixed by nbdkit's plugin ABI (nbdkit-plugin.h); the `nbdkit` module exports the same.
 FLAG_MAY_TRIM: Final = 1
@@ -131,9 +134,9 @@ def _request(
 
     @functools.wraps(method)
     def run(self: NbdkitPlugin, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        counters = self._request_counters
-        if counters:
-            counters[op].inc()
+        counters = self._counters
+        if counters is not None:
+            counters.count(op)
         try:
             return method(self, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001  (the boundary: every failure gets an errno)
@@ -162,10 +165,9 @@ class NbdkitPlugin:
         self._store: Store | None = None
         # Held while the store closes: cleanup and the control thread may both try.
         self._closing = threading.Lock()
-        self._metrics: ServerMetrics | None = None
+        self._counters: ServerCounters | None = None  # once serving (see `_request`)
+        self._metrics: ServerMetrics | None = None  # with metrics=
         self._counters_file: CountersWriter | None = None
-        # ``op`` -> its request counter, once serving (see `_request`).
-        self._request_counters: dict[str, Any] = {}
 
     # ---- configuration (foreground, before serving) ----
 
@@ -228,22 +230,25 @@ class NbdkitPlugin:
 
     def after_fork(self) -> None:
         settings = self.settings
-        metrics = ServerMetrics(settings.store)
+        counters = ServerCounters()
         try:
-            self._store = open_store(settings.store, readonly=settings.readonly, observer=metrics)
+            self._store = open_store(settings.store, readonly=settings.readonly, observer=counters)
         except DedupblkError as exc:
             raise ParameterError(str(exc)) from None
-        metrics.watch(self._store.statistics)
         if settings.metrics is not None:
+            from dedupblk.metrics import ServerMetrics  # noqa: PLC0415  (only when asked for)
+
+            metrics = ServerMetrics(settings.store, counters)
+            metrics.watch(self._store.statistics)
             try:
                 metrics.serve(settings.metrics)
             except MetricsError as exc:
                 self._store.close()
                 raise ParameterError(str(exc)) from None
-        self._metrics = metrics
-        self._counters_file = CountersWriter(settings.store, metrics.snapshot)
+            self._metrics = metrics
+        self._counters_file = CountersWriter(settings.store, counters.snapshot)
         self._counters_file.start()
-        self._request_counters = metrics.requests
+        self._counters = counters
         self._host.debug(f"dedupblk: serving {settings.store} ({self._store.size} bytes)")
         if settings.control_fd is not None:
             threading.Thread(
@@ -303,7 +308,7 @@ class NbdkitPlugin:
         its one-line message. Anything else is a bug: EIO, and an InternalError whose message is
         the traceback, so it reaches nbdkit's log whatever `sys.tracebacklimit` says.
         """
-        metrics, op = self._metrics, REQUEST_OPS.get(callback, "other")
+        metrics, op = self._counters, REQUEST_OPS.get(callback, "other")
         if isinstance(exc, DedupblkError):
             self._host.set_error(exc.errno)
             if metrics is not None:

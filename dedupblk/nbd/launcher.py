@@ -45,8 +45,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
+from dedupblk.counters import format_address
 from dedupblk.errors import InvalidRequest, NbdError
-from dedupblk.metrics import format_address
 
 PLUGIN = Path(__file__).resolve().parents[1] / "frontends" / "nbdkit_plugin.py"
 # The directory that holds the `dedupblk` package (a checkout's root, or site-packages).

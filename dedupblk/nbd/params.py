@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
+from dedupblk.counters import parse_address
 from dedupblk.errors import InvalidRequest
-from dedupblk.metrics import parse_address
 from dedupblk.sizes import parse_size as parse_size_text
 from dedupblk.store import PAGE_SIZE
 

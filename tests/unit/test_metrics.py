@@ -15,9 +15,10 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from dedupblk.cli import main
+from dedupblk.counters import ServerCounters, check_address_free, parse_address
 from dedupblk.errors import InvalidRequest, MetricsError
 from dedupblk.frontends import ublk
-from dedupblk.metrics import ServerMetrics, check_address_free, parse_address
+from dedupblk.metrics import ServerMetrics
 from dedupblk.runtime import CountersWriter, counters_path, read_counters, write_record
 from dedupblk.store import PAGE_SIZE, StoreFull, create_store, open_store, read_statistics
 from dedupblk.ublk.abi import UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE
@@ -146,8 +147,10 @@ def test_the_nbdkit_adapter_counts_requests_and_errors(tmp_path: Path) -> None:
         plugin.flush(handle, 0)
         with pytest.raises(InvalidRequest):
             plugin.pread(handle, memoryview(bytearray(P)), SMALL, 0)  # past the end: EINVAL
-        metrics = plugin._metrics
-        assert metrics is not None
+        counters = plugin._counters
+        assert counters is not None and plugin._metrics is None  # no metrics=: no endpoint
+        metrics = ServerMetrics(str(tmp_path / "s"), counters)
+        metrics.watch(plugin.device.statistics)
         found = samples(generate(metrics))
         label = {"store": os.path.realpath(tmp_path / "s")}
         assert value(found, "dedupblk_requests_total", op="write", **label) == 3
@@ -175,11 +178,12 @@ def generate(metrics: ServerMetrics) -> str:
 
 
 def test_the_ublk_handler_counts_a_pass_and_its_failures(store_dir: str) -> None:
-    metrics = ServerMetrics(store_dir)
-    with open_store(store_dir, group_commit=False, observer=metrics) as store:
+    counters = ServerCounters()
+    metrics = ServerMetrics(store_dir, counters)
+    with open_store(store_dir, group_commit=False, observer=counters) as store:
         metrics.watch(store.statistics)
         queue = Queue(store)
-        queue.handler = ublk.RequestHandler(store, metrics)
+        queue.handler = ublk.RequestHandler(store, counters)
         queue.request(0, UBLK_IO_OP_WRITE, 0, P, rand_page(1))
         queue.request(1, UBLK_IO_OP_WRITE, P, P, rand_page(1))
         queue.request(2, UBLK_IO_OP_READ, 0, P)
@@ -205,10 +209,10 @@ def test_the_ublk_handler_counts_a_pass_and_its_failures(store_dir: str) -> None
 def test_a_failed_commit_counts_an_error_for_each_request_it_covers(
     store_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    metrics = ServerMetrics(store_dir)
+    counters = ServerCounters()
     with open_store(store_dir, group_commit=False) as store:
         queue = Queue(store)
-        queue.handler = ublk.RequestHandler(store, metrics)
+        queue.handler = ublk.RequestHandler(store, counters)
 
         def full() -> None:
             raise StoreFull("no free slot")
@@ -218,7 +222,7 @@ def test_a_failed_commit_counts_an_error_for_each_request_it_covers(
         queue.request(1, UBLK_IO_OP_WRITE, P, P, rand_page(9))
         queue.request(2, UBLK_IO_OP_READ, 0, P)
         assert queue.run_pass([0, 1, 2]) == {0: -errno.ENOSPC, 1: -errno.ENOSPC, 2: P}
-    assert metrics.snapshot()["errors"] == {"write": {"ENOSPC": 2}}
+    assert counters.snapshot()["errors"] == {"write": {"ENOSPC": 2}}
 
 
 def test_the_counters_file_is_private_atomic_and_follows_no_symlink(

@@ -26,6 +26,19 @@ def test_store_imports_no_frontend() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_a_ublk_server_loads_prometheus_client_only_for_its_endpoint() -> None:
+    """The ublk server runs in the CLI's process with its memory locked (`dedupblk.counters`)."""
+    probe = (
+        "import sys, dedupblk.cli, dedupblk.frontends.ublk, dedupblk.nbd.adapter;"
+        "bad = [m for m in sys.modules if m.startswith(('prometheus_client', 'wsgiref'))];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # dedupblk/ublk's modules, lowest first (its __init__ docstring lists them the same way).
 UBLK_FLOORS = ["abi", "uring", "hardening", "placement", "control", "queue", "server"]
 
