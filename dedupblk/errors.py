@@ -99,3 +99,8 @@ class UblkError(DedupblkError):
 
 class NbdError(DedupblkError):
     """The NBD server could not start: nbdkit missing, or its socket held by another server."""
+
+
+class ServedError(DedupblkError):
+    """`dedupblk list` / `stop` could not do what was asked: the registry of served stores is
+    not a private directory, no server serves the store, or its server did not stop in time."""

@@ -21,3 +21,14 @@ def parse_size(text: str) -> int:
     if match is None:
         raise InvalidRequest(f"bad size {text!r}: a number of bytes with an optional K/M/G/T/P/E")
     return int(match.group(1)) << _SHIFTS[match.group(2).lower()]
+
+
+_UNITS: Final = (("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10))
+
+
+def describe_size(size: int) -> str:
+    """``size`` in the largest binary unit that divides it (``64 MiB``, ``4 GiB``), else bytes."""
+    for unit, shift in _UNITS:
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift} {unit}"
+    return f"{size} bytes"

@@ -11,10 +11,13 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Final
 
+from dedupblk import served
 from dedupblk.device import BlockDevice
 from dedupblk.errors import DedupblkError, InvalidRequest
+from dedupblk.sd_notify import notify
 from dedupblk.store import PAGE_SIZE, open_store
 from dedupblk.ublk.abi import (
     SECTOR_SHIFT,
@@ -150,9 +153,11 @@ def serve(
     """Serve the store at ``store_path`` as /dev/ublkbN until SIGTERM/SIGINT/SIGHUP; exit code.
 
     Prints the block device's path alone on a line of stdout once the device is started (and,
-    with ``swap``, swap is on).  Raises `DedupblkError` (`InvalidRequest` for bad arguments or
-    an unsafe placement, which includes one measured to hang unless ``swap_placement_may_hang``;
-    `UblkError` for the kernel side) if serving cannot begin.  Must run in the main thread.
+    with ``swap``, swap is on); from then until it stops, the server is in the registry of
+    served stores (``dedupblk list``) and systemd has READY=1 (see `Announcement`).  Raises
+    `DedupblkError` (`InvalidRequest` for bad arguments or an unsafe placement, which includes
+    one measured to hang unless ``swap_placement_may_hang``; `UblkError` for the kernel side)
+    if serving cannot begin.  Must run in the main thread.
     """
     server = Server(
         queues=queues, depth=depth, dev_id=dev_id, swap=swap, swap_priority=swap_priority,
@@ -169,7 +174,39 @@ def serve(
                 store.path, store.backend_path, slots_preallocated=store.backend_preallocated,
                 swap=swap, serving_dev_id=recover, may_hang=swap_placement_may_hang,
             )  # fmt: skip
-            return server.run(RequestHandler(store), size=store.size)
+            announcement = Announcement(store.path)
+            try:
+                return server.run(
+                    RequestHandler(store),
+                    size=store.size,
+                    on_ready=announcement.ready,
+                    on_stopping=announcement.stopping,
+                )
+            finally:
+                announcement.close()
+
+
+class Announcement:
+    """What a ublk server tells others of its state: the registry of served stores
+    (`dedupblk.served`: ``dedupblk list`` and ``stop``) and, under a ``Type=notify`` systemd
+    unit, systemd (`dedupblk.sd_notify`).  Ready once the device is started, with swap on if
+    asked (the moment its path is printed); stopping from the first stop signal on, before
+    swapoff; gone once the device is deleted."""
+
+    def __init__(self, store_path: str) -> None:
+        self.store_path = store_path
+        self.record: Path | None = None
+
+    def ready(self, device: str) -> None:
+        self.record = served.register(self.store_path, "ublk", device=device)
+        notify("READY=1", f"STATUS=serving {self.store_path} as {device}")
+
+    def stopping(self, device: str) -> None:
+        notify("STOPPING=1", f"STATUS=stopping {device}")
+
+    def close(self) -> None:
+        served.unregister(self.record)
+        self.record = None
 
 
 def serve_block_store(
