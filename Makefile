@@ -1,6 +1,7 @@
 # dedupblk: set-up, main job and tests for a fresh Debian 12 machine (run as root).
 #   make demo   set everything up, serve a store and run the main job
 #   make test   set everything up, lint, type-check and run every test tier
+#   make install-systemd   set everything up, install the swap unit (README, "Running as swap")
 
 SHELL := /bin/bash
 VENV := .venv
@@ -10,7 +11,7 @@ APT_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd qemu-utils
 	python3-dev
 STAMP := .venv/.installed
 
-.PHONY: setup apt venv demo test lint unit nbd vm bench clean
+.PHONY: setup apt venv demo test lint unit nbd vm bench clean install-systemd
 
 setup: apt venv
 
@@ -49,6 +50,21 @@ demo: setup
 
 bench: setup
 	$(PY) -m dedupblk.bench
+
+# contrib/dedupblk-swap@.service with this checkout's paths put in: the unit runs this venv's
+# dedupblk. UNIT_DIR=DIR installs elsewhere (the tests verify the unit that way).
+UNIT_DIR := /etc/systemd/system
+UNIT := dedupblk-swap@.service
+install-systemd: setup
+	@case "$(CURDIR)" in *[!A-Za-z0-9._/+-]*) echo "install-systemd: $(CURDIR) has characters \
+	    a unit file would need quoted; use a checkout elsewhere" >&2; exit 1;; esac
+	sed -e 's|@DEDUPBLK@|$(CURDIR)/$(VENV)/bin/dedupblk|g' -e 's|@REPO@|$(CURDIR)|g' \
+	    contrib/$(UNIT) > $(UNIT_DIR)/.$(UNIT).tmp
+	mv -f $(UNIT_DIR)/.$(UNIT).tmp $(UNIT_DIR)/$(UNIT)
+	@if [ "$(UNIT_DIR)" = /etc/systemd/system ] && [ -d /run/systemd/system ]; then \
+	    systemctl daemon-reload; fi
+	@echo "installed $(UNIT_DIR)/$(UNIT); next: systemctl edit dedupblk-swap@swap.service" \
+	    "(SLOTS=...), then systemctl enable --now dedupblk-swap@swap.service"
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

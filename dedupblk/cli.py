@@ -393,6 +393,12 @@ def _progress(
 @click.option("--readonly", is_flag=True, help="nbd: serve read-only.")
 @click.option("--foreground", is_flag=True, help="nbd: stay in the foreground.")
 @click.option(
+    "--run",
+    "run_command",
+    metavar="CMD",
+    help="nbd: run CMD with $uri set (nbdkit --run), then stop; exit with its status.",
+)
+@click.option(
     "--tls",
     type=click.Choice(["off", "on", "require"]),
     help="nbd: nbdkit --tls (default: require when certificates or a PSK file are given).",
@@ -465,6 +471,7 @@ def serve(ctx: click.Context, /, store: str, frontend: str, **options: Any) -> N
             tls_psk=options["tls_psk"],
             tcp_without_tls_for_every_local_user=options["tcp_without_tls_for_every_local_user"],
             metrics=metrics,
+            run=options["run_command"],
         )
     else:
         from .frontends import ublk  # noqa: PLC0415
@@ -487,7 +494,7 @@ def serve(ctx: click.Context, /, store: str, frontend: str, **options: Any) -> N
 _FRONTEND_ONLY: Final = {
     "nbd": frozenset({
         "socket_path", "port", "bind", "readonly", "foreground", "tls", "tls_certificates",
-        "tls_psk", "tcp_without_tls_for_every_local_user",
+        "tls_psk", "tcp_without_tls_for_every_local_user", "run_command",
     }),
     "ublk": frozenset({
         "queues", "depth", "dev_id", "swap", "swap_priority", "swap_discard",
@@ -513,13 +520,60 @@ def _refuse_other_frontend_options(ctx: click.Context, frontend: str) -> None:
         )
 
 
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_served(as_json: bool) -> None:
+    """List the stores this user serves: store, frontend, pid, socket or device.
+
+    Root sees root's servers, any other user their own (see dedupblk.served).
+    """
+    from . import served  # noqa: PLC0415
+
+    found = [record for _, record in served.entries()]
+    if as_json:
+        _echo(json.dumps([asdict(record) for record in found], indent=2))
+        return
+    if not found:
+        _echo("no served stores")
+    for record in found:
+        _echo(f"{record.store}  {record.frontend}  pid {record.pid}  {record.endpoint}")
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the server to exit.",
+)
+def stop(store: str, timeout: float) -> None:
+    """Stop the server of STORE (SIGTERM) and wait until it has exited."""
+    from . import served  # noqa: PLC0415
+
+    for record in served.stop(store, timeout=timeout):
+        _echo(f"stopped {record.store} ({record.frontend}, pid {record.pid})")
+
+
 @main.command()
 @click.option("--cleanup", is_flag=True, help="Delete ublk devices whose server is gone.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def devices(cleanup: bool, as_json: bool) -> None:
+@click.option(
+    "--has-device",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Print nothing; exit 0 if device N is listed (by --json), 1 if not.",
+)
+def devices(cleanup: bool, as_json: bool, has_device: int | None) -> None:
     """List ublk devices and their state (live, quiesced: waiting for serve --recover, dead)."""
     from .ublk import control  # noqa: PLC0415
 
+    if has_device is not None:
+        if cleanup or as_json:
+            raise InvalidRequest("--has-device answers with its exit status alone")
+        # The same records --json prints: the systemd unit decides on recovery with this.
+        sys.exit(0 if any(d.dev_id == has_device for d in control.list_devices()) else 1)
     if cleanup:
         for dev_id in control.cleanup_devices():
             click.echo(f"deleted ublk device {dev_id}")

@@ -105,3 +105,8 @@ class MetricsError(DedupblkError):
     """The metrics endpoint could not be served: its address is taken or not this host's."""
 
     errno = errnos.EADDRINUSE
+
+
+class ServedError(DedupblkError):
+    """`dedupblk list` / `stop` could not do what was asked: the registry of served stores is
+    not a private directory, no server serves the store, or its server did not stop in time."""

@@ -1,8 +1,27 @@
 """nbdkit entry point for dedupblk: serve a store over NBD.
 
     nbdkit python dedupblk/frontends/nbdkit_plugin.py store=STORE [size=SIZE] [readonly=true] ...
+    nbdkit python dedupblk/frontends/nbdkit_plugin.py --dump-plugin    # lists the parameters
 
-Its parameters are listed in `dedupblk.nbd.params`.
+Its parameters are listed in `dedupblk.nbd.params`. ``dedupblk serve STORE`` runs this for you,
+with the store as a plain argument, a private socket and a clean stop.
+
+What nbdkit 1.32's Python plugin (nbdkit-python-plugin(3), Debian 12) allows, checked here:
+
+- ``--dump-plugin`` loads this file and passes every ``key=value`` to `config`, but calls neither
+  config_complete nor get_ready, so it needs no store and works from any directory. After
+  nbdkit's own lines it calls `dump_plugin`, which adds ``dedupblk_version=`` and one
+  ``dedupblk_parameter_KEY=HELP`` line per parameter.
+- ``--help`` cannot show these parameters: nbdkit answers it before it loads this file, with the
+  Python plugin's fixed text (``script=<FILENAME> (required) The Python plugin to run.`` and
+  ``[other arguments may be used by the plugin that you load]``). The Python plugin reads no
+  config_help from a script; ``--dump-plugin`` is where the parameters are listed.
+- No magic config key: the Python plugin reads no magic_config_key either, so nbdkit takes only
+  the first bare word (this file) as ``script=``, and ``nbdkit python PLUGIN /path/to/store``
+  fails with ``nbdkit: expecting key=value on the command line but got: /path/to/store``. Spell
+  ``store=PATH``; only ``dedupblk serve`` takes the store positionally.
+- `export_description` gives the export a description, which ``nbdinfo URI`` shows as
+  ``description: dedupblk store PATH (SIZE, format N)``.
 
 nbdkit runs this file as `__main__` in its embedded interpreter, Debian's /usr/bin/python3, whose
 `sys.path` has neither this repository nor the project's venv. So before importing dedupblk, the
@@ -14,6 +33,7 @@ the names nbdkit looks up.
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import site
@@ -57,6 +77,7 @@ after_fork = _plugin.after_fork
 cleanup = _plugin.cleanup
 open = _plugin.open  # nbdkit's callback name; shadows the builtin only in this module
 get_size = _plugin.get_size
+export_description = _plugin.export_description
 block_size = _plugin.block_size
 can_write = _plugin.can_write
 can_flush = _plugin.can_flush
@@ -73,3 +94,12 @@ flush = _plugin.flush
 trim = _plugin.trim
 zero = _plugin.zero
 extents = _plugin.extents
+
+
+def dump_plugin() -> None:
+    """Called by ``--dump-plugin`` after nbdkit's own lines; prints this plugin's."""
+    # nbdkit printed its lines through C stdio, which buffers them when stdout is a pipe: flush
+    # them first, or these would come out before them.
+    ctypes.CDLL(None).fflush(None)
+    for line in _plugin.dump_plugin():
+        print(line, flush=True)

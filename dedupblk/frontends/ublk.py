@@ -15,12 +15,15 @@ import collections
 import errno
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Final
 
+from dedupblk import served
 from dedupblk.counters import ServerCounters
 from dedupblk.device import BlockDevice
 from dedupblk.errors import DedupblkError, InvalidRequest
 from dedupblk.runtime import CountersWriter
+from dedupblk.sd_notify import notify
 from dedupblk.store import PAGE_SIZE, open_store
 from dedupblk.ublk.abi import (
     SECTOR_SHIFT,
@@ -192,11 +195,13 @@ def serve(
     """Serve the store at ``store_path`` as /dev/ublkbN until SIGTERM/SIGINT/SIGHUP; exit code.
 
     Prints the block device's path alone on a line of stdout once the device is started (and,
-    with ``swap``, swap is on).  With ``metrics`` (address, port), serves Prometheus metrics
-    over HTTP there from the start.  Raises `DedupblkError` (`InvalidRequest` for bad arguments
-    or an unsafe placement, which includes one measured to hang unless
-    ``swap_placement_may_hang``; `UblkError` for the kernel side; `MetricsError` for a metrics
-    address that is taken) if serving cannot begin.  Must run in the main thread.
+    with ``swap``, swap is on); from then until it stops, the server is in the registry of
+    served stores (``dedupblk list``) and systemd has READY=1 (see `Announcement`).  With
+    ``metrics`` (address, port), serves Prometheus metrics over HTTP there from the start.
+    Raises `DedupblkError` (`InvalidRequest` for bad arguments or an unsafe placement, which
+    includes one measured to hang unless ``swap_placement_may_hang``; `UblkError` for the kernel
+    side; `MetricsError` for a metrics address that is taken) if serving cannot begin.  Must run
+    in the main thread.
     """
     server = Server(
         queues=queues, depth=depth, dev_id=dev_id, swap=swap, swap_priority=swap_priority,
@@ -227,12 +232,42 @@ def serve(
                 exported.serve(metrics)  # before the device exists: a taken port adds none
             counters_file = CountersWriter(store_path, counted.snapshot)
             counters_file.start()
+            announcement = Announcement(store.path)
             try:
-                return server.run(RequestHandler(store, counted), size=store.size)
+                return server.run(
+                    RequestHandler(store, counted),
+                    size=store.size,
+                    on_ready=announcement.ready,
+                    on_stopping=announcement.stopping,
+                )
             finally:
+                announcement.close()
                 if exported is not None:
                     exported.stop_serving()  # no scrape of a closed store
                 counters_file.stop()
+
+
+class Announcement:
+    """What a ublk server tells others of its state: the registry of served stores
+    (`dedupblk.served`: ``dedupblk list`` and ``stop``) and, under a ``Type=notify`` systemd
+    unit, systemd (`dedupblk.sd_notify`).  Ready once the device is started, with swap on if
+    asked (the moment its path is printed); stopping from the first stop signal on, before
+    swapoff; gone once the device is deleted."""
+
+    def __init__(self, store_path: str) -> None:
+        self.store_path = store_path
+        self.record: Path | None = None
+
+    def ready(self, device: str) -> None:
+        self.record = served.register(self.store_path, "ublk", device=device)
+        notify("READY=1", f"STATUS=serving {self.store_path} as {device}")
+
+    def stopping(self, device: str) -> None:
+        notify("STOPPING=1", f"STATUS=stopping {device}")
+
+    def close(self) -> None:
+        served.unregister(self.record)
+        self.record = None
 
 
 def serve_block_store(

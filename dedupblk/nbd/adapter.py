@@ -47,16 +47,25 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from importlib.metadata import version
 from typing import TYPE_CHECKING, Concatenate, Final, NoReturn, ParamSpec, Protocol, TypeVar
 
 from dedupblk.counters import ServerCounters, check_address_free
 from dedupblk.device import BlockDevice
 from dedupblk.errors import DedupblkError, MetricsError, NotAStore, StoreExists
 from dedupblk.runtime import CountersWriter
+from dedupblk.sizes import format_size
 from dedupblk.store import PAGE_SIZE, Store, create_store, open_store
 from dedupblk.store.format import DEFAULT_MAX_SHARE
 
-from .params import THREAD_MODELS, ParameterError, Settings, parse_parameter
+from .params import (
+    DEFAULT_THREAD_MODEL,
+    HELP,
+    THREAD_MODELS,
+    ParameterError,
+    Settings,
+    parse_parameter,
+)
 
 if TYPE_CHECKING:
     from dedupblk.metrics import ServerMetrics
@@ -186,7 +195,19 @@ class NbdkitPlugin:
         return self._settings
 
     def thread_model(self) -> int:
+        # `nbdkit ... --dump-plugin` asks for it after config but without config_complete, so
+        # with no settings yet: answer from the parameters given, if any.
+        if self._settings is None:
+            chosen = self._params.get("thread-model", DEFAULT_THREAD_MODEL)
+            return THREAD_MODELS[str(chosen)]
         return THREAD_MODELS[self.settings.thread_model]
+
+    def dump_plugin(self) -> list[str]:
+        """The lines `nbdkit python PLUGIN --dump-plugin` adds to nbdkit's own: this version and
+        every parameter with its help. It runs without a store and without config_complete."""
+        lines = [f"dedupblk_version={version('dedupblk')}"]
+        lines += [f"dedupblk_parameter_{key}={text}" for key, text in HELP.items()]
+        return lines
 
     def get_ready(self) -> None:
         settings = self.settings
@@ -327,6 +348,17 @@ class NbdkitPlugin:
 
     def get_size(self, h: Connection) -> int:
         return self.device.size
+
+    def export_description(self, h: Connection) -> str:
+        """What `nbdinfo URI` shows as ``description:``."""
+        store = self._store
+        if store is None:
+            raise RuntimeError("the store is not open (after_fork did not run or failed)")
+        mode = ", read-only" if store.readonly else ""
+        return (
+            f"dedupblk store {store.path} ({format_size(store.size)}, "
+            f"format {store.config.format_version}{mode})"
+        )
 
     def block_size(self, h: Connection) -> tuple[int, int, int]:
         return (MINIMUM_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, MAXIMUM_BLOCK_SIZE)

@@ -21,8 +21,18 @@ In the foreground `serve` forwards SIGTERM/SIGINT to nbdkit and closes the plugi
 (`control-fd=`): nbdkit finishes its requests, the plugin closes the store (flushed and marked
 clean) and ends nbdkit even with idle clients connected, which nbdkit alone would wait for.
 `serve` then returns nbdkit's exit code. In the background nbdkit forks itself and `serve` returns
-0 once the URI is printed; stop the server with `kill $(cat PIDFILE)` (the pidfile path is
-printed on stderr; nbdkit there waits for its clients to disconnect).
+0 once the URI is printed; stop the server with `dedupblk stop STORE` or `kill $(cat PIDFILE)`
+(the pidfile path is printed on stderr; nbdkit there waits for its clients to disconnect).
+
+`serve --run CMD` is nbdkit's captive mode (`nbdkit --run`, server/captive.c): nbdkit runs
+`/bin/sh -c CMD` once it listens, with the shell variables `$uri` (and `$nbd`, `$exportname`,
+`$port`, `$unixsocket`, `$tls`) set before CMD (not exported: pass them on explicitly), then
+stops the server and exits with CMD's status, 128+N if signal N killed it. `serve` prints no
+URI then (its stdout is the command's), and runs nbdkit in serve's process group, not a new
+one, with serve's stdin: an interactive command has the terminal, and a ^C reaches it too. The
+socket, the exposure rules and the clean stop are those of a foreground serve. A command that
+leaves a client connected holds the stop until that client goes, as under nbdkit alone;
+SIGTERM to `serve` ends it anyway.
 """
 
 from __future__ import annotations
@@ -38,13 +48,13 @@ import stat
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
+from dedupblk import served
 from dedupblk.counters import format_address
 from dedupblk.errors import InvalidRequest, NbdError
 
@@ -63,18 +73,7 @@ UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 
 def runtime_dir() -> Path:
     """A private (0700) per-user directory for sockets and pidfiles."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if not base or not os.path.isdir(base):
-        base = tempfile.gettempdir()
-        directory = Path(base) / f"dedupblk-{os.getuid()}"
-    else:
-        directory = Path(base) / "dedupblk"
-    with contextlib.suppress(FileExistsError):
-        directory.mkdir(mode=0o700)
-    info = directory.lstat()  # a symlink planted in its place is refused, never followed
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise NbdError(f"{directory} is not a private directory owned by this user")
-    return directory
+    return served.user_runtime_dir()
 
 
 def default_socket(store_path: str) -> Path:
@@ -216,6 +215,7 @@ def nbdkit_command(
     control_fd: int | None = None,
     extra_args: Sequence[str] = (),
     metrics: tuple[str, int] | None = None,
+    run: str | None = None,
 ) -> list[str]:
     command = [NBDKIT, "--pidfile", pidfile]
     if foreground:
@@ -234,6 +234,8 @@ def nbdkit_command(
         command += ["--tls-certificates", os.path.abspath(tls_certificates)]
     if tls_psk is not None:
         command.append(f"--tls-psk={os.path.abspath(tls_psk)}")
+    if run is not None:
+        command += ["--run", run]
     command += list(extra_args)
     command += ["python", str(PLUGIN), f"store={os.path.abspath(store_path)}"]
     if readonly:
@@ -293,16 +295,27 @@ def serve(
     tcp_without_tls_for_every_local_user: bool = False,
     extra_args: Sequence[str] = (),
     metrics: tuple[str, int] | None = None,
+    run: str | None = None,
 ) -> int:
     """Serve ``store_path`` over NBD with nbdkit; print the URI once it accepts connections.
 
     With ``metrics`` (address, port), the plugin serves Prometheus metrics over HTTP there.
+    With ``run``, nbdkit's captive mode instead (``nbdkit --run``, see the module docstring):
+    no URI is printed, and the exit code is the command's.
 
     Returns the exit code for the CLI: nbdkit's own in the foreground (0 after a clean stop by
     SIGTERM/SIGINT), 0 once the background server is up, and nbdkit's nonzero code if it failed
     to start (its error is already on stderr). Raises InvalidRequest for bad or unsafe options
     and NbdError when nbdkit cannot be started or its socket or port is taken.
+
+    Once it serves, the server is in the registry of `dedupblk.served` (``dedupblk list``): in
+    the foreground as this process, which removes the record when nbdkit has stopped; in the
+    background as nbdkit, whose record is removed by whoever finds it gone.
     """
+    if run is not None and not run.strip():
+        raise InvalidRequest("--run needs a command")
+    captive = run is not None
+    foreground = foreground or captive  # nbdkit --run never forks into the background
     if socket is not None and port is not None:
         raise InvalidRequest("give either a socket or a port, not both")
     if bind is not None and port is None:
@@ -351,17 +364,21 @@ def serve(
         control_fd=control_read,
         extra_args=extra_args,
         metrics=metrics,
+        run=run,
     )
     tls_used = tls_mode(tls, credentials=credentials) in ("on", "require")
     uri = nbd_uri(socket=socket, port=port, bind=bind, tls=tls_used)
+    record: Path | None = None
     try:
         try:
             process = subprocess.Popen(
                 command,
                 env=plugin_environment(),
-                stdin=subprocess.DEVNULL,
-                # Its own process group: a terminal's ^C reaches `serve`, which forwards it once.
-                process_group=0,
+                # A captive command gets this terminal, as under nbdkit alone.
+                stdin=None if captive else subprocess.DEVNULL,
+                # Its own process group (unless captive): a terminal's ^C reaches `serve`, which
+                # forwards it once.
+                process_group=None if captive else 0,
                 pass_fds=() if control_read is None else (control_read,),
             )
         except FileNotFoundError:
@@ -374,16 +391,23 @@ def serve(
                 code = process.wait()
                 return code if code > 0 else 1
             os.replace(starting, pidfile)
-            if socket is not None:
+            # A captive command may be done already, and nbdkit gone with it.
+            if socket is not None and not (captive and process.poll() is not None):
                 # nbdkit makes its socket 0755 whatever our umask. Until this chmod, others still
                 # cannot connect: connect() needs write permission.
                 _make_private(process, socket)
-            print(uri, flush=True)
+            if not captive:  # a captive command has $uri; this stdout is the command's
+                print(uri, flush=True)
             if not foreground:
                 print(f"dedupblk: nbdkit pid file {pidfile}", file=sys.stderr, flush=True)
+                nbdkit_pid = _pid_in(pidfile)
+                if nbdkit_pid is not None:
+                    served.register(store_path, "nbd", pid=nbdkit_pid, socket=socket, uri=uri)
                 return 0
+            record = served.register(store_path, "nbd", socket=socket, uri=uri)
             code = _exit_code(process.wait())
     finally:
+        served.unregister(record)
         control.close()
         with contextlib.suppress(FileNotFoundError):
             starting.unlink()
@@ -393,6 +417,12 @@ def serve(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
     return code
+
+
+def _pid_in(pidfile: Path) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return int(pidfile.read_text())
+    return None
 
 
 def _make_private(process: subprocess.Popen[bytes], socket: str) -> None:

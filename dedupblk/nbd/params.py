@@ -1,5 +1,7 @@
 """The nbdkit plugin's ``key=value`` parameters: each parsed as it arrives (`NbdkitPlugin.config`),
-checked together once all are in (`Settings.from_parameters`).
+checked together once all are in (`Settings.from_parameters`). `HELP` says what each one is, in
+the words ``nbdkit python PLUGIN --dump-plugin`` prints (nbdkit 1.32's Python plugin has no
+config_help: see the plugin file's docstring):
 
     store=PATH                 (required) the dedupblk store to serve
     size=SIZE                  create the store with this device size if it is missing
@@ -27,6 +29,7 @@ from dedupblk.counters import parse_address
 from dedupblk.errors import InvalidRequest
 from dedupblk.sizes import parse_size as parse_size_text
 from dedupblk.store import PAGE_SIZE
+from dedupblk.store.format import DEFAULT_MAX_SHARE
 
 T = TypeVar("T")
 
@@ -136,6 +139,21 @@ PARSERS: Final[dict[str, Callable[[str, str], object]]] = {
     "thread-model": parse_thread_model,
     "control-fd": parse_count,
     "metrics": parse_metrics_address,
+}
+
+
+# One line each, as `--dump-plugin` prints them (``dedupblk_parameter_KEY=HELP``).
+HELP: Final[dict[str, str]] = {
+    "store": "PATH (required): the dedupblk store to serve; store= must be spelled out",
+    "size": "SIZE: create the store with this device size if it is missing (e.g. 4G)",
+    "backend": "PATH: with size=, keep the data slots in this file or block device",
+    "backend-size": "SIZE: with size=, the capacity of a new backend file",
+    "max-index-entries": "N: with size=, a bound on the fingerprint index",
+    "max-share": f"N: with size=, most mappings a data slot may have (default {DEFAULT_MAX_SHARE})",
+    "readonly": "BOOL: open the store read-only; the export refuses writes (default false)",
+    "thread-model": f"serialize|parallel: nbdkit's thread model (default {DEFAULT_THREAD_MODEL})",
+    "control-fd": "N: set by dedupblk serve; when this pipe closes, close the store and exit",
+    "metrics": "[ADDR:]PORT: serve Prometheus metrics over HTTP there (on 127.0.0.1 by default)",
 }
 
 

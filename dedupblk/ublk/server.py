@@ -171,15 +171,27 @@ class Server:
         self.starter: _Starter | None = None
         self.starter_thread: threading.Thread | None = None
         self.started = False
+        self.on_ready: Callable[[str], None] | None = None
+        self.on_stopping: Callable[[str], None] | None = None
 
-    def run(self, handler: Handler, *, size: int) -> int:
+    def run(
+        self,
+        handler: Handler,
+        *,
+        size: int,
+        on_ready: Callable[[str], None] | None = None,
+        on_stopping: Callable[[str], None] | None = None,
+    ) -> int:
         """Add (or recover) a device of ``size`` bytes, answer its requests with ``handler``
         until a stop signal, remove it; the exit code.
 
         Prints the block device's path alone on a line of stdout once the device is started
-        (and, with swap, swap is on).  Raises `UblkError` (or `InvalidRequest`: a recovered
-        device of another size) if serving cannot begin.
+        (and, with swap, swap is on), and then calls ``on_ready(path)``; calls
+        ``on_stopping(path)`` when a stop signal arrives, before swapoff.  Raises `UblkError`
+        (or `InvalidRequest`: a recovered device of another size) if serving cannot begin.
         """
+        self.on_ready = on_ready
+        self.on_stopping = on_stopping
         with Control() as control:
             if self.recover is None:
                 info = self._add_device(control, size)
@@ -297,6 +309,8 @@ class Server:
             signum = signal.sigwait(WAITED_SIGNALS)
             if signum in STOP_SIGNALS:
                 log.info("%s: stopping %s", signal.Signals(signum).name, path)
+                if self.on_stopping is not None:
+                    self.on_stopping(path)
                 if self._swap_off(path):
                     return 0
                 continue
@@ -314,6 +328,8 @@ class Server:
                 # The line a caller waits for: the device is ready for its purpose.
                 sys.stdout.write(path + "\n")
                 sys.stdout.flush()
+                if self.on_ready is not None:
+                    self.on_ready(path)
             dead = [q for q in self.hw_queues if not q.thread.is_alive()]
             if dead:
                 log.error(

@@ -21,6 +21,7 @@ from pathlib import Path
 import nbd
 import pytest
 
+from dedupblk import served
 from dedupblk.errors import InvalidRequest, NbdError
 from dedupblk.nbd import launcher
 from dedupblk.nbd.launcher import (
@@ -432,9 +433,17 @@ def test_a_failed_serve_touches_nothing_of_a_running_one(tmp_path: Path, endpoin
     pid_text = pidfile.read_text()
     pid = int(pid_text)
     socket_inode = sock.stat().st_ino if endpoint == "socket" else None
+    ((record_path, record),) = served.entries(str(first))
+    record_text = record_path.read_text()
     try:
         result = cli("serve", str(second), *args, "--foreground")
         assert_one_line(result, 1, "in use by another server")
+        # the same store on another socket: refused by the store's lock, once nbdkit has started
+        result = cli("serve", str(first), "--socket", str(tmp_path / "other.sock"), "--foreground")
+        assert result.returncode == 1 and "in use by another process" in result.stderr, result
+        assert served.entries(str(first)) == [(record_path, record)]
+        assert record_path.read_text() == record_text
+        assert record.pid == pid
         if endpoint == "port":
             # nbdkit finding the port taken itself (another server took it after the check)
             with pytest.MonkeyPatch.context() as patch:

@@ -90,7 +90,8 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
 
 
 def test_every_command_has_help() -> None:
-    for command in ("create", "info", "stats", "check", "serve", "devices", "bench", "dump"):
+    commands = ("create", "info", "stats", "check", "serve", "devices", "bench", "dump")
+    for command in (*commands, "list", "stop"):
         code, out, _ = run(command, "--help")
         assert code == 0 and "Usage:" in out
 
@@ -385,3 +386,24 @@ def test_serve_metrics_reaches_either_frontend(
 def test_a_bad_metrics_address_is_one_line(tmp_path: Path) -> None:
     result = dedupblk("serve", str(tmp_path), "--metrics", "localhost")
     assert_one_line(result, 2, "bad metrics address 'localhost'")
+
+
+def test_devices_has_device_answers_with_its_exit_status(monkeypatch: Any) -> None:
+    """What the systemd unit decides recovery with: the records `devices --json` prints."""
+    from dedupblk.ublk import control  # noqa: PLC0415
+
+    listed = [
+        control.Device(
+            dev_id=7, state="quiesced", queues=1, depth=64, max_io_buf_bytes=65536,
+            server_pid=1234, server_alive=False, flags=0, block_device="/dev/ublkb7",
+            char_device="/dev/ublkc7",
+        )
+    ]  # fmt: skip
+    monkeypatch.setattr(control, "list_devices", lambda: listed)
+    code, out, _ = run("devices", "--json")
+    assert [device["dev_id"] for device in json.loads(out)] == [7]
+    assert run("devices", "--has-device", "7") == (0, "", "")
+    assert run("devices", "--has-device", "3") == (1, "", "")
+    code, out, err = run("devices", "--has-device", "7", "--json")
+    assert (code, out) == (2, "")
+    assert err == "dedupblk: --has-device answers with its exit status alone\n"

@@ -138,6 +138,32 @@ def test_defaults(host: FakeNbdkit) -> None:
     assert plugin.thread_model() == THREAD_MODEL_SERIALIZE_ALL_REQUESTS
 
 
+def test_dump_plugin_needs_no_store(host: FakeNbdkit) -> None:
+    """`--dump-plugin` calls config and then thread_model and dump_plugin: no config_complete."""
+    plugin = NbdkitPlugin(host)
+    assert plugin.thread_model() == THREAD_MODEL_SERIALIZE_ALL_REQUESTS
+    plugin.config("thread-model", "parallel")
+    assert plugin.thread_model() == THREAD_MODEL_PARALLEL
+    lines = plugin.dump_plugin()
+    assert all(line.startswith("dedupblk_") and "=" in line for line in lines)
+    documented = [line.split("=", 1)[0].removeprefix("dedupblk_parameter_") for line in lines[1:]]
+    assert documented == list(nbdkit_params.PARSERS)  # every parameter, each with its help
+    assert lines[0] == "dedupblk_version=0.1.0"
+    assert lines[1].startswith("dedupblk_parameter_store=PATH (required)")
+
+
+def test_the_export_is_described(host: FakeNbdkit, tmp_path: Path) -> None:
+    for readonly, mode in (("false", ""), ("true", ", read-only")):
+        plugin = configured(host, store=str(tmp_path / "s"), size="3M", readonly=readonly)
+        plugin.get_ready()
+        plugin.after_fork()
+        try:
+            described = plugin.export_description(Connection())
+        finally:
+            plugin.cleanup()
+        assert described == f"dedupblk store {tmp_path / 's'} (3 MiB, format 2{mode})"
+
+
 @pytest.mark.parametrize(
     ("params", "message"),
     [
@@ -497,7 +523,7 @@ def test_plugin_file_binds_every_callback(monkeypatch: pytest.MonkeyPatch) -> No
         "config", "config_complete", "thread_model", "get_ready", "after_fork", "cleanup", "open",
         "get_size", "block_size", "can_write", "can_flush", "can_trim", "can_zero",
         "can_fast_zero", "can_extents", "can_multi_conn", "can_fua", "is_rotational", "pread",
-        "pwrite", "flush", "trim", "zero", "extents",
+        "pwrite", "flush", "trim", "zero", "extents", "export_description", "dump_plugin",
     )  # fmt: skip
     for name in callbacks:
         assert callable(namespace[name]), name

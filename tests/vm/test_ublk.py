@@ -21,6 +21,9 @@ PYTHON = REPO / ".venv" / "bin" / "python"
 
 BLOCK_CHECKS = [
     "serve prints the device and runs hardened",
+    "systemd is told READY=1 once the device is ready",
+    "dedupblk list shows the ublk server; devices --has-device finds it",
+    "a failed serve leaves the running server, its device and record alone",
     "the conformance suite passes on the device",
     "fio random 4K writes verify (crc32c)",
     "clean stop removes the device and leaves a clean store",
@@ -31,6 +34,7 @@ BLOCK_CHECKS = [
     "devices --cleanup deletes a dead server's device",
     "serve --metrics: request counters and store gauges match what was written",
     "stats shows the ublk server's counters",
+    "dedupblk stop STORE stops the ublk server, which tells systemd STOPPING=1",
 ]
 SWAP_CHECKS = [
     "a swap store on tmpfs is refused",

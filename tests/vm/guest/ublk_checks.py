@@ -43,6 +43,7 @@ import mmap
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -110,13 +111,14 @@ def devices() -> list[Device]:
 class Server:
     """``dedupblk serve STORE --frontend ublk ...`` in the background."""
 
-    def __init__(self, store: str, *options: str) -> None:
+    def __init__(self, store: str, *options: str, env: dict[str, str] | None = None) -> None:
         self.log = WORK / f"server-{time.monotonic_ns()}.log"
         with self.log.open("w") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dedupblk.cli", "serve", store, "--frontend", "ublk",
                  *options],
                 stdout=subprocess.PIPE, stderr=err, text=True, cwd=WORK,
+                env=None if env is None else {**os.environ, **env},
             )  # fmt: skip
         assert self.proc.stdout is not None
         self.path = self.proc.stdout.readline().strip()  # printed once the device is started
@@ -167,12 +169,39 @@ def wait_for(predicate: Callable[[], bool], what: str, seconds: float = 60) -> N
 # -- block --------------------------------------------------------------------------------------
 
 
+def served_records(store: str) -> list[dict[str, object]]:
+    """What `dedupblk list --json` says serves ``store``."""
+    listed: list[dict[str, object]] = json.loads(cli("list", "--json").stdout)
+    return [record for record in listed if record["store"] == store]
+
+
+@contextmanager
+def systemd_socket() -> Iterator[tuple[socket.socket, dict[str, str]]]:
+    """A datagram socket standing in for systemd's, and the environment that names it."""
+    path = WORK / f"notify-{time.monotonic_ns()}.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(path))
+        listener.settimeout(30)  # a bound on a hang: the datagram comes with the device's path
+        yield listener, {"NOTIFY_SOCKET": str(path)}
+
+
+def heard(systemd: socket.socket) -> str:
+    """The next datagram the server sent to its NOTIFY_SOCKET."""
+    try:
+        return systemd.recv(4096).decode()
+    except TimeoutError:
+        raise CheckFailed("nothing sent to NOTIFY_SOCKET") from None
+
+
 def block_checks() -> None:
     store = "/scratch/block-store"
     cli("create", store, "--size", "256M")
+    notify = contextlib.ExitStack()
+    # The first server's systemd, heard in the second check.
+    systemd, notify_env = notify.enter_context(systemd_socket())
 
     with check("serve prints the device and runs hardened"):
-        server = Server(store)
+        server = Server(store, env=notify_env)
         dev = server.path
         require(Path(dev).is_block_device(), f"{dev} is not a block device")
         queue = Path(f"/sys/block/ublkb{server.dev_id}/queue")
@@ -198,6 +227,39 @@ def block_checks() -> None:
         require(len(listed) == 1 and listed[0].state == "live", f"devices: {listed}")
         require(listed[0].server_pid == server.pid and listed[0].server_alive, f"{listed}")
         require(dev in cli("devices").stdout, "`dedupblk devices` does not list it")
+
+    with check("systemd is told READY=1 once the device is ready"):
+        said = heard(systemd)
+        require(said == f"READY=1\nSTATUS=serving {store} as {dev}", f"systemd was told {said!r}")
+
+    with check("dedupblk list shows the ublk server; devices --has-device finds it"):
+        records = served_records(store)
+        require(len(records) == 1, f"list --json: {records}")
+        (record,) = records
+        require(
+            (record["frontend"], record["pid"], record["device"]) == ("ublk", server.pid, dev),
+            f"list --json: {record}",
+        )
+        line = f"{store}  ublk  pid {server.pid}  {dev}"
+        require(line in cli("list").stdout.splitlines(), f"list: {cli('list').stdout!r}")
+        has = cli("devices", "--has-device", str(server.dev_id), ok=False)
+        require(has.returncode == 0 and has.stdout == "", f"--has-device: {has}")
+        has = cli("devices", "--has-device", str(server.dev_id + 1), ok=False)
+        require(has.returncode == 1 and has.stdout == "", f"--has-device of another: {has}")
+
+    with check("a failed serve leaves the running server, its device and record alone"):
+        before = served_records(store)
+        locked = cli("serve", store, "--frontend", "ublk", ok=False)  # the same store
+        require(locked.returncode == 1 and "in use" in locked.stderr, f"{locked}")
+        other = "/scratch/other-store"
+        cli("create", other, "--size", "16M")
+        taken = cli("serve", other, "--frontend", "ublk", "--dev-id", str(server.dev_id), ok=False)
+        require(taken.returncode != 0 and taken.stdout == "", f"the same --dev-id: {taken}")
+        require(served_records(store) == before, f"records now {served_records(store)}")
+        require(served_records(other) == [], f"{served_records(other)}")
+        listed = [d for d in devices() if d.dev_id == server.dev_id]
+        require(len(listed) == 1 and listed[0].state == "live", f"devices: {listed}")
+        require(server.proc.poll() is None, "the server exited")
 
     with check("the conformance suite passes on the device"):
         # tests/conformance.py, the suite the store and NBD run too, against /dev/ublkbN.
@@ -293,6 +355,28 @@ def block_checks() -> None:
         require(devices() == [], f"devices left: {devices()}")
         require(not Path(server.path).exists(), f"{server.path} still exists")
         cli("check", store)
+
+    with (
+        check("dedupblk stop STORE stops the ublk server, which tells systemd STOPPING=1"),
+        systemd_socket() as (systemd, notify_env),
+    ):
+        server = Server(store, env=notify_env)
+        said = heard(systemd)
+        require(said.startswith("READY=1\n"), f"systemd was told {said!r}")
+        stopped = cli("stop", store)
+        require(stopped.stdout == f"stopped {store} (ublk, pid {server.pid})\n", f"stop: {stopped}")
+        code = server.proc.wait()
+        require(code == 0, f"exit {code}: {server.errors()}")
+        said = heard(systemd)
+        require(said == f"STOPPING=1\nSTATUS=stopping {server.path}", f"systemd was told {said!r}")
+        require(served_records(store) == [], f"still listed: {served_records(store)}")
+        require(devices() == [], f"devices left: {devices()}")
+        has = cli("devices", "--has-device", str(server.dev_id), ok=False)
+        require(has.returncode == 1, f"--has-device after the stop: {has}")
+        again = cli("stop", store, ok=False)
+        require(again.returncode == 1 and "no server serves" in again.stderr, f"{again}")
+        cli("check", store)
+    notify.close()
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
