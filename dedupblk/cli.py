@@ -227,8 +227,8 @@ def stats(store: str, as_json: bool, output_format: str | None) -> None:
     zero pages read as zeros, take nothing, count in neither
 
     While a server runs, its request and error counters are shown too. The serving process
-    writes them every 2 seconds to a counters file in its private runtime directory
-    ($DEDUPBLK_RUNTIME_DIR; /run/dedupblk for root; else $XDG_RUNTIME_DIR/dedupblk or
+    writes them every 2 seconds to a counters file beside its record in the registry of served
+    stores (/run/dedupblk-served for root; else served/ in $XDG_RUNTIME_DIR/dedupblk or
     /tmp/dedupblk-UID), which stats reads while that process lives: run stats as the server's
     user.
     """

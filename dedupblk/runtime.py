@@ -7,10 +7,9 @@ the store's real path>.counters``; `read_counters` gives that record back only w
 that wrote it is alive (its pid, and its start time so that a reused pid does not count). The
 file is a convenience: a server that cannot write it logs why once and serves on.
 
-The runtime directory is private (mode 0700, owned by this user; a symlink in its place is
-refused, never followed): ``$DEDUPBLK_RUNTIME_DIR`` if set, else /run/dedupblk for root (the
-README's swap setup mounts its ramfs there), else ``$XDG_RUNTIME_DIR/dedupblk``, else
-``/tmp/dedupblk-UID``. A `stats` run by another user than the server's finds no counters. Files
+The file is kept beside the server's record in the registry of served stores
+(`dedupblk.served.registry_dir`: private to this user, mode 0700; a symlink in its place is
+refused, never followed). A `stats` run by another user than the server's finds no counters. Files
 are written to a new name (``O_EXCL | O_NOFOLLOW``, 0600) and renamed over the old one, so a
 reader sees a whole record, and nothing is written through a link another user planted. The
 server never reads the file back: even on a tmpfs that swaps to its own device, no request
@@ -20,53 +19,24 @@ waits for it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
 import os
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
+from .errors import ServedError
+from .served import process_start_time, registry_dir
+
 log = logging.getLogger(__name__)
 
-RUNTIME_DIR_ENV: Final = "DEDUPBLK_RUNTIME_DIR"
-ROOT_RUNTIME_DIR: Final = "/run/dedupblk"
 SNAPSHOT_SECONDS: Final = 2.0
 COUNTERS_SUFFIX: Final = ".counters"
-
-
-class RuntimeDirError(OSError):
-    """The runtime directory is missing and cannot be made, or is not private."""
-
-
-def private_runtime_dir() -> Path:
-    """The private per-user directory for a server's runtime files (see the module docstring),
-    made 0700 if missing."""
-    explicit = os.environ.get(RUNTIME_DIR_ENV)
-    if explicit:
-        directory = Path(explicit)
-    elif os.geteuid() == 0:
-        directory = Path(ROOT_RUNTIME_DIR)
-    else:
-        base = os.environ.get("XDG_RUNTIME_DIR")
-        if base and os.path.isdir(base):
-            directory = Path(base) / "dedupblk"
-        else:
-            directory = Path(tempfile.gettempdir()) / f"dedupblk-{os.geteuid()}"
-    with contextlib.suppress(FileExistsError):
-        directory.mkdir(mode=0o700)
-    info = directory.lstat()  # a symlink planted in its place is refused, never followed
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
-        raise RuntimeDirError(
-            errno.EPERM, f"{directory} is not a private directory owned by this user"
-        )
-    return directory
 
 
 def counters_path(store_path: str) -> Path:
@@ -74,17 +44,7 @@ def counters_path(store_path: str) -> Path:
     real = os.path.realpath(store_path)
     name = (os.path.basename(real.rstrip("/")) or "store")[:32]
     digest = hashlib.sha256(real.encode()).hexdigest()[:12]
-    return private_runtime_dir() / f"{name}-{digest}{COUNTERS_SUFFIX}"
-
-
-def process_start_time(pid: int) -> str | None:
-    """The start time of process ``pid`` (clock ticks since boot, from /proc), None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields[19] if len(fields) > 19 else None
+    return registry_dir() / f"{name}-{digest}{COUNTERS_SUFFIX}"
 
 
 def write_record(path: Path, record: dict[str, Any]) -> None:
@@ -113,7 +73,7 @@ def read_counters(store_path: str) -> dict[str, Any] | None:
     try:
         path = counters_path(store_path)
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
+    except (OSError, ServedError):
         return None
     try:
         info = os.fstat(fd)
@@ -156,7 +116,7 @@ class CountersWriter:
         }
         try:
             self.path: Path | None = counters_path(store_path)
-        except OSError as exc:
+        except (OSError, ServedError) as exc:
             log.warning("no counters file for dedupblk stats: %s", exc)
             self.path = None
         self._thread = threading.Thread(target=self._run, name="dedupblk-counters", daemon=True)

@@ -46,6 +46,7 @@ from .errors import ServedError
 log = logging.getLogger(__name__)
 
 ROOT_REGISTRY: Final = Path("/run/dedupblk-served")
+RUNTIME_DIR_ENV: Final = "DEDUPBLK_RUNTIME_DIR"  # one directory for all of it (tests)
 STOP_POLL_SECONDS: Final = 0.05
 # How long `dedupblk stop` waits by default: a ublk server with swap swapoffs first, which reads
 # back every swapped page; an NBD server closes its store (a commit and a flush).
@@ -96,7 +97,11 @@ def private_directory(directory: Path) -> Path:
 
 
 def registry_dir() -> Path:
-    """Where this user's servers keep their records (see the module docstring)."""
+    """Where this user's servers keep their records (see the module docstring), and their
+    counters files (`dedupblk.runtime`); ``$DEDUPBLK_RUNTIME_DIR`` instead if set."""
+    explicit = os.environ.get(RUNTIME_DIR_ENV)
+    if explicit:
+        return private_directory(Path(explicit))
     if os.geteuid() == 0:
         return private_directory(ROOT_REGISTRY)
     return private_directory(user_runtime_dir() / "served")

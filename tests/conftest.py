@@ -18,8 +18,9 @@ SMALL = 1 << 20  # 256 pages
 
 @pytest.fixture(autouse=True)
 def runtime_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private runtime directory of the test's own (`dedupblk.runtime`): servers it starts, in
-    this process or a child, write their counters files there, not in the machine's."""
+    """A private runtime directory of the test's own (`dedupblk.served.registry_dir`): servers it
+    starts, in this process or a child, write their records and counters files there, not in the
+    machine's."""
     directory = tmp_path_factory.mktemp("runtime")
     directory.chmod(0o700)
     monkeypatch.setenv("DEDUPBLK_RUNTIME_DIR", str(directory))

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dedupblk.cli import main
 from dedupblk.counters import ServerCounters, check_address_free, parse_address
-from dedupblk.errors import InvalidRequest, MetricsError
+from dedupblk.errors import InvalidRequest, MetricsError, ServedError
 from dedupblk.frontends import ublk
 from dedupblk.metrics import ServerMetrics
 from dedupblk.runtime import CountersWriter, counters_path, read_counters, write_record
@@ -264,7 +264,7 @@ def test_a_runtime_dir_others_can_write_is_refused(
     shared.mkdir()
     shared.chmod(0o777)
     monkeypatch.setenv("DEDUPBLK_RUNTIME_DIR", str(shared))
-    with pytest.raises(OSError, match="not a private directory"):
+    with pytest.raises(ServedError, match="not a private directory"):
         counters_path(str(tmp_path / "s"))
     assert read_counters(str(tmp_path / "s")) is None
     writer = CountersWriter(str(tmp_path / "s"), dict)  # serves on without the file

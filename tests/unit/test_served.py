@@ -26,6 +26,7 @@ from dedupblk.errors import ServedError
 def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A registry of this test's own, whichever user runs it."""
     monkeypatch.setattr(served, "ROOT_REGISTRY", tmp_path / "root-served")
+    monkeypatch.delenv(served.RUNTIME_DIR_ENV)  # conftest's: this is the registry's own test
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
