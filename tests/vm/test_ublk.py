@@ -32,9 +32,9 @@ BLOCK_CHECKS = [
     "blkdiscard lowers stored_pages",
     "SIGKILL then --recover resumes I/O on the same device",
     "devices --cleanup deletes a dead server's device",
+    "dedupblk stop STORE stops the ublk server, which tells systemd STOPPING=1",
     "serve --metrics: request counters and store gauges match what was written",
     "stats shows the ublk server's counters",
-    "dedupblk stop STORE stops the ublk server, which tells systemd STOPPING=1",
 ]
 SWAP_CHECKS = [
     "a swap store on tmpfs is refused",
