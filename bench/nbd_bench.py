@@ -3,12 +3,18 @@
     .venv/bin/python bench/nbd_bench.py [--rounds 3] [--runtime 10] [--size 256M]
         [--jobs rand-write-dup50,rand-read,seq-write,dedup-90]
         [--servers dedupblk,memory,minimal-python,sqlite-dedup,dedupblk-parallel:1,...]
-        [--sqlite-plugin PATH/nbdsqlitededupe.py] [--json results.json]
+        [--sqlite-plugin PATH/nbdsqlitededupe.py] [--baseline CHECKOUT] [--json results.json]
 
 Servers (each started fresh, on a new store or RAM disk, for every job of every round):
   dedupblk            dedupblk/frontends/nbdkit_plugin.py on a new store (default thread model,
                       SERIALIZE_ALL_REQUESTS)
+  dedupblk-ram        the same with the store in /dev/shm: a volatile store, which never syncs
+                      (the difference to `dedupblk` is what durability costs)
   dedupblk-parallel   the same with thread-model=parallel (to choose the thread model)
+  baseline, baseline-ram
+                      `dedupblk` and `dedupblk-ram` served by the plugin of another checkout
+                      (--baseline CHECKOUT, e.g. a worktree of an earlier commit with its own
+                      .venv): before and after a change, alternated in one run
   memory              nbdkit's C memory plugin: the ceiling nbdkit itself allows
   minimal-python      bench/minimal_plugin.py, a PARALLEL Python plugin that only copies bytes:
                       the floor any Python plugin pays
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -55,8 +62,35 @@ def _sqlite_plugin() -> str | None:
     return os.environ.get("DEDUP_SQLITE_PLUGIN")
 
 
+def _baseline_plugin() -> str:
+    return os.path.join(os.environ["DEDUP_BASELINE"], "dedupblk", "frontends", "nbdkit_plugin.py")
+
+
+def _ram_store(tmp: Path) -> str:
+    # A store in /dev/shm, removed with the server's work directory (see Server.stop).
+    return f"/dev/shm/{tmp.name}-store"
+
+
 SERVERS: dict[str, ServerArgs] = {
     "dedupblk": lambda tmp, size: ["python", str(PLUGIN), f"store={tmp}/store", f"size={size}"],
+    "dedupblk-ram": lambda tmp, size: [
+        "python",
+        str(PLUGIN),
+        f"store={_ram_store(tmp)}",
+        f"size={size}",
+    ],
+    "baseline": lambda tmp, size: [
+        "python",
+        _baseline_plugin(),
+        f"store={tmp}/store",
+        f"size={size}",
+    ],
+    "baseline-ram": lambda tmp, size: [
+        "python",
+        _baseline_plugin(),
+        f"store={_ram_store(tmp)}",
+        f"size={size}",
+    ],
     "dedupblk-parallel": lambda tmp, size: [
         "python",
         str(PLUGIN),
@@ -124,6 +158,7 @@ class Server:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
+        shutil.rmtree(_ram_store(self.socket.parent), ignore_errors=True)
 
 
 def run_fio(uri: str, job: str, size: str, runtime: int) -> list[dict[str, object]]:
@@ -144,8 +179,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--jobs", default=",".join(DEFAULT_JOBS))
     parser.add_argument("--servers", default=",".join(DEFAULT_SERVERS))
     parser.add_argument("--sqlite-plugin", help="path of nbdsqlitededupe.py (not vendored)")
+    parser.add_argument("--baseline", help="a checkout whose plugin serves baseline[-ram]")
     parser.add_argument("--json", help="write every measurement here")
     args = parser.parse_args(argv)
+    if args.baseline:
+        os.environ["DEDUP_BASELINE"] = os.path.abspath(args.baseline)
     if args.sqlite_plugin:
         os.environ["DEDUP_SQLITE_PLUGIN"] = os.path.abspath(args.sqlite_plugin)
     servers = [s for s in args.servers.split(",") if s]
@@ -155,6 +193,8 @@ def main(argv: list[str]) -> int:
     if "sqlite-dedup" in servers and not _sqlite_plugin():
         print("sqlite-dedup: no --sqlite-plugin given, left out", file=sys.stderr)
         servers.remove("sqlite-dedup")
+    if any(server_spec(s)[0].startswith("baseline") for s in servers) and not args.baseline:
+        parser.error("baseline servers need --baseline CHECKOUT")
     jobs = [j for j in args.jobs.split(",") if j]
     results: list[Result] = []
     for round_ in range(args.rounds):
@@ -203,7 +243,7 @@ def print_table(results: list[Result], servers: list[str]) -> None:
                 continue
             ratios = ["", ""]
             name, _, threads = server.partition(":")
-            if name.startswith("dedupblk") and iops:
+            if name.startswith(("dedupblk", "baseline")) and iops:
                 for column, other in enumerate(("memory", "minimal-python")):
                     base = reference(job, other, threads)
                     ratios[column] = f"{iops / base:.2f}x" if base else ""

@@ -27,6 +27,7 @@ from .runtime import read_counters
 from .sizes import format_size, parse_size
 from .store import PAGE_SIZE, check_store, create_store, open_store, read_statistics
 from .store.check import describe_range
+from .store.create import META_PREALLOC_PER_PAGE
 from .store.format import DEFAULT_MAX_SHARE, FINGERPRINT_NAMES, FORMAT_VERSION
 from .store.upgrade import upgrade_store
 from .ublk.abi import MAX_NR_QUEUES, MAX_QUEUE_DEPTH
@@ -132,7 +133,7 @@ def main(verbose: bool) -> None:
 @click.option(
     "--meta-size",
     type=SIZE,
-    help="With --preallocate: size of the metadata file (default 256 bytes a page).",
+    help=f"With --preallocate: metadata file size (default {META_PREALLOC_PER_PAGE} bytes a page).",
 )
 @click.option(
     "--reuse-backend",
