@@ -33,7 +33,6 @@ the names nbdkit looks up.
 
 from __future__ import annotations
 
-import ctypes
 import glob
 import os
 import site
@@ -57,6 +56,7 @@ _extend_path()
 
 import nbdkit  # noqa: E402  (exists only inside nbdkit, after the path is set up)
 
+from dedupblk.libc import libc  # noqa: E402
 from dedupblk.nbd.adapter import NbdkitPlugin  # noqa: E402
 from dedupblk.nbd.params import exit_on_parameter_error  # noqa: E402
 
@@ -100,6 +100,6 @@ def dump_plugin() -> None:
     """Called by ``--dump-plugin`` after nbdkit's own lines; prints this plugin's."""
     # nbdkit printed its lines through C stdio, which buffers them when stdout is a pipe: flush
     # them first, or these would come out before them.
-    ctypes.CDLL(None).fflush(None)
+    libc.fflush(None)
     for line in _plugin.dump_plugin():
         print(line, flush=True)

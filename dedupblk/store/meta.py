@@ -17,7 +17,7 @@ import errno
 import logging
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import lmdb
@@ -54,17 +54,31 @@ _OPEN: dict[str, Meta] = {}
 T = TypeVar("T")
 
 
-@contextlib.contextmanager
-def damaged_metadata(where: str) -> Iterator[None]:
-    """Turn what LMDB or a record decoder raises on damaged metadata into one `FormatError`."""
-    try:
-        yield
-    except (lmdb.Error, struct.error, UnicodeDecodeError) as exc:
-        if isinstance(exc, lmdb.MapFullError):
-            raise
-        raise FormatError(
-            f"{where}: the metadata is damaged ({exc}); see `dedupblk check`"
-        ) from exc
+class damaged_metadata:  # noqa: N801  (used as a function: ``with damaged_metadata(path):``)
+    """Turn what LMDB or a record decoder raises on damaged metadata into one `FormatError`.
+
+    A class, not a `contextlib.contextmanager`: every read request enters one, and a class is
+    cheaper to enter than a generator."""
+
+    __slots__ = ("where",)
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        if exc is None:
+            return
+        if isinstance(exc, (lmdb.Error, struct.error, UnicodeDecodeError)) and not isinstance(
+            exc, lmdb.MapFullError
+        ):
+            raise FormatError(
+                f"{self.where}: the metadata is damaged ({exc}); see `dedupblk check`"
+            ) from exc
 
 
 def read_format(env: Any, info: Any, where: str) -> int:

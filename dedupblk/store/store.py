@@ -66,6 +66,7 @@ from .format import (
     META_DIR,
     PAGE_SHIFT,
     PAGE_SIZE,
+    PUNCH_MIN_SLOTS,
     REF_CHUNK_SLOTS,
     U64BE,
     U64LE,
@@ -286,7 +287,8 @@ class Store:
                             s
                             for s in range(max(1, first), end)
                             if refs is None or not refs[s - first]
-                        ]
+                        ],
+                        every=True,
                     )
         self._counts = counts
 
@@ -821,9 +823,12 @@ class Store:
             self._discard(slots)
             self._counts.release(slots)
 
-    def _discard(self, slots: list[int]) -> None:
+    def _discard(self, slots: list[int], *, every: bool = False) -> None:
+        """Punch freed slots: a durable store only runs of `PUNCH_MIN_SLOTS` (the format's
+        "Backend"), unless ``every``."""
+        min_run = 1 if every or self.volatile is not None else PUNCH_MIN_SLOTS
         try:
-            self._backend.discard(slots)
+            self._backend.discard(slots, min_run=min_run)
         except BackendError as exc:
             self._log.error("giving back the space of freed slots failed: %s", exc)
 
