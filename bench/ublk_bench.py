@@ -1,7 +1,8 @@
 """ublk benchmark: the same fio jobs against dedupblk's /dev/ublkbN and the kernel's /dev/zram0.
 
     .venv/bin/python bench/ublk_bench.py [--rounds 2] [--runtime 10] [--size 128M]
-        [--jobs rand-write-dup50,rand-read,dedup-90] [--devices ublk,ublk-minimal,store,zram]
+        [--jobs rand-write-dup50,rand-read,dedup-90]
+        [--devices ublk,ublk-ram,ublk-minimal,store,store-ram,zram]
         [--profile] [--json results.json]
 
 One guest boot (testbed/vm.py: Debian's 6.12 kernel under qemu TCG, 2 CPUs) runs
@@ -9,8 +10,9 @@ bench/ublk_guest.py, which for every round and job serves a fresh store (on the 
 /scratch) with ``dedupblk serve --frontend ublk`` and then resets /dev/zram0 to the same size,
 running the job file's block-device command line against each in turn (ublk, zram, ublk, zram...).
 TCG makes absolute numbers meaningless; the ratio ublk/zram, measured in the same guest, is the
-figure.  The table shows the median of the rounds.  By default two more rows split dedupblk's
-time: ``ublk-minimal`` (bench/minimal_ublk.py: the same frontend over a RAM disk, the ceiling for
+figure.  The table shows the median of the rounds.  ``ublk-ram`` is the swap placement
+(metadata preallocated on ramfs, slots on a second zram: a volatile store), ``store-ram`` the
+store alone placed so.  Two more rows split dedupblk's time: ``ublk-minimal`` (bench/minimal_ublk.py: the same frontend over a RAM disk, the ceiling for
 a Python ublk server) and ``store`` (the store alone in the guest, the job's writes issued from
 Python in passes of the job's depth, write jobs only).  Per request, ublk is about ublk-minimal
 plus store (the us/req column).  ``--devices ...,ublk-zram`` adds dedupblk with its slots on a

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -83,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(*, pages: int, rounds: int, directory: str | None) -> int:
     """Print the table (``directory`` None: ``$DEDUPBLK_BENCH_DIR``, else /var/tmp); a bad value
     is `InvalidRequest` (``dedupblk bench`` and ``python -m dedupblk.bench`` show one line)."""
+    import statistics  # noqa: PLC0415  (the CLI imports this module; a server need not load it)
+
     for name, value in (("pages", pages), ("rounds", rounds)):
         if value < 1:
             raise InvalidRequest(f"--{name} {value}: must be at least 1")

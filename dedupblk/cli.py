@@ -29,7 +29,6 @@ from .store import PAGE_SIZE, check_store, create_store, open_store, read_statis
 from .store.check import describe_range
 from .store.create import META_PREALLOC_PER_PAGE
 from .store.format import DEFAULT_MAX_SHARE, FINGERPRINT_NAMES, FORMAT_VERSION
-from .store.upgrade import upgrade_store
 from .ublk.abi import MAX_NR_QUEUES, MAX_QUEUE_DEPTH
 from .usage import describe_usage, served_record
 
@@ -349,6 +348,8 @@ def upgrade(store: str) -> None:
     The slots stay where they are; the new metadata is built beside the old one and swapped in
     at the end, so a store interrupted at any moment opens as the old version or the new.
     """
+    from .store.upgrade import upgrade_store  # noqa: PLC0415  (not in a server's locked memory)
+
     with _progress("upgrading", enabled=True) as (progress, on_total):
         result = upgrade_store(store, progress=progress, on_total=on_total)
     if result.from_version == FORMAT_VERSION:

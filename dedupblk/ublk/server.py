@@ -48,13 +48,13 @@ log = logging.getLogger(__name__)
 # The device's logical and physical block (Params' default shifts).
 BLOCK_SIZE: Final = 1 << PAGE_SHIFT
 # Per-tag buffer: the largest request the kernel may send (it splits larger ones).  Every tag of
-# every queue has one, all locked in memory, so the budget is per queue: 64 tags of 32 KiB at the
+# every queue has one, all locked in memory, so the budget is per queue: 64 tags of 16 KiB at the
 # default depth, enough for a swap device (the kernel swaps out a page or a small folio at a
 # time); a pass's pages are copied into the store's pending batch, so this also bounds that
 # (docs/measurements.md, "Server memory").
 MAX_IO_BUF_BYTES: Final = 512 * 1024
 MIN_IO_BUF_BYTES: Final = 16 * 1024
-QUEUE_BUFFER_BUDGET: Final = 2 * 1024 * 1024
+QUEUE_BUFFER_BUDGET: Final = 1024 * 1024
 # Largest DISCARD / WRITE_ZEROES: one request holds the store's lock for its whole range.
 MAX_DISCARD_BYTES: Final = 64 * 1024 * 1024
 # How long to wait for a dead server's device to become recoverable, or for a char device
