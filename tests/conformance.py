@@ -169,7 +169,9 @@ CHECKS: list[Callable[[BlockDevice], None]] = [
 
 class FileDevice:
     """A block device node as a `BlockDevice` (buffered I/O: the page cache does the
-    read-modify-write of sub-block writes), for the VM run."""
+    read-modify-write of sub-block writes), for the VM run. Every read drops the page cache
+    first: the kernel forgets only the range it discarded, so a server that changed other
+    blocks (a trim one page too long) would otherwise be read back from stale cached pages."""
 
     BLKGETSIZE64 = 0x80081272
     BLKSSZGET = 0x1268
@@ -186,6 +188,8 @@ class FileDevice:
         self.block_size: int = struct.unpack("<I", sector)[0]
 
     def read(self, offset: int, length: int) -> bytes:
+        os.fsync(self.fd)  # dirty pages cannot be dropped
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         return os.pread(self.fd, length, offset)
 
     def write(

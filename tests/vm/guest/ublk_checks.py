@@ -60,6 +60,7 @@ from dedupblk.ublk.hardening import set_io_flusher
 PAGE = 4096
 REPO = Path(__file__).resolve().parents[3]
 WORK = Path("/tmp")  # the guest's own tmpfs (cwd is the read-only repository)
+BROKEN_TRIM = Path(__file__).resolve().parent / "broken_trim"  # its sitecustomize breaks trims
 # PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE: what prctl(PR_SET_IO_FLUSHER, 1) sets on a thread.
 IO_FLUSHER_FLAGS = 0x00080000 | 0x00100000
 MCL_CURRENT, MCL_FUTURE = 1, 2
@@ -269,6 +270,19 @@ def block_checks() -> None:
         require(done.returncode == 0, f"exit {done.returncode}\n{done.stdout}{done.stderr}")
         passed = done.stdout.count("PASS ")
         require(passed >= 9 and f"{passed} passed, 0 failed" in done.stdout, done.stdout)
+
+    with check("the conformance suite fails a translation that trims one page too many"):
+        broken_store = "/scratch/broken-trim-store"
+        cli("create", broken_store, "--size", "16M")
+        broken = Server(broken_store, env={"PYTHONPATH": str(BROKEN_TRIM)})
+        try:
+            suite = [sys.executable, "-m", "tests.conformance", broken.path]
+            done = subprocess.run(suite, cwd=REPO, capture_output=True, text=True, check=False)
+        finally:
+            code = broken.stop()
+        failed = [line for line in done.stdout.splitlines() if line.startswith("FAIL ")]
+        require(done.returncode == 1 and "FAIL check_trim_and_zero" in failed, done.stdout)
+        require(code == 0, f"the broken server exited {code}")
 
     with check("fio random 4K writes verify (crc32c)"):
         fio(dev, "--do_verify=1")
