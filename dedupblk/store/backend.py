@@ -275,9 +275,8 @@ class Backend:
                 at += len(piece)
             return os.pwrite(self.fd, view[:at], offset)
 
-    def discard(self, slots: Iterable[int], *, min_run: int = 1) -> None:
-        """Give the space of dead slots back: punch holes in a file, BLKDISCARD on a device;
-        only runs of at least ``min_run`` consecutive slots (the format's "Backend").
+    def discard(self, slots: Iterable[int]) -> None:
+        """Give the space of dead slots back: punch holes in a file, BLKDISCARD on a device.
         Nothing in a preallocated file: reusing a punched slot would allocate a block again.
 
         Best effort: a backend that cannot discard keeps the space, and nothing is lost.
@@ -285,8 +284,6 @@ class Backend:
         if not self.punches:
             return
         for first, count in runs(slots):
-            if count < min_run:
-                continue
             offset, length = first * PAGE_SIZE, count * PAGE_SIZE
             if self.is_block:
                 try:

@@ -23,13 +23,9 @@ header (`BACKEND_HEADER`: magic ``DDBKSLOT``, header version 1, the store's 16-b
 u32) so that a store refuses a backend that belongs to another store. Data slots are ``1 ..
 slot_capacity - 1`` (``slot_capacity`` is at most `MAX_SLOTS`, so that a slot number fits a map
 entry). A freed slot is released (see "Write order") and then punched (``fallocate(PUNCH_HOLE)``
-on a file, ``BLKDISCARD`` on a block device: zram frees its memory). A durable store punches only
-runs of at least `PUNCH_MIN_SLOTS` consecutive freed slots, as ``fstrim --minimum`` does: a slot
-freed alone (by an overwrite, mostly) keeps its blocks until it is reused, and a punch per such
-slot would cost more than the rest of its commit. A volatile store punches every freed slot, and
-a store opened after an unclean stop every free slot. A file whose header has
-`BACKEND_PREALLOCATED` is never punched: it was written in full with zeros at create, so that
-writing a slot never allocates file blocks. A file with that flag, and
+on a file, ``BLKDISCARD`` on a block device: zram frees its memory), except in a file whose
+header has `BACKEND_PREALLOCATED`: such a file was written in full with zeros at create and is
+never punched, so that writing a slot never allocates file blocks. A file with that flag, and
 every block device backend, is read and written with ``O_DIRECT``.
 
 LMDB sub-databases (integer keys big-endian, so that key order is numeric order; values
@@ -165,7 +161,6 @@ DEFAULT_MAX_SHARE = 254  # dm-vdo's limit on references per physical block
 MAX_SHARE = 255  # a refcount is one byte
 HEADER_SLOT = 0
 FIRST_DATA_SLOT = 1
-PUNCH_MIN_SLOTS = 16  # shortest run of freed slots a durable store punches (64 KiB)
 VOLUME = 0  # the one volume this version serves
 
 # Each chunk value is 4080 bytes: exactly one LMDB overflow page (4096 bytes less its 16-byte

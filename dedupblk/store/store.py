@@ -66,7 +66,6 @@ from .format import (
     META_DIR,
     PAGE_SHIFT,
     PAGE_SIZE,
-    PUNCH_MIN_SLOTS,
     REF_CHUNK_SLOTS,
     U64BE,
     U64LE,
@@ -287,8 +286,7 @@ class Store:
                             s
                             for s in range(max(1, first), end)
                             if refs is None or not refs[s - first]
-                        ],
-                        every=True,
+                        ]
                     )
         self._counts = counts
 
@@ -823,12 +821,9 @@ class Store:
             self._discard(slots)
             self._counts.release(slots)
 
-    def _discard(self, slots: list[int], *, every: bool = False) -> None:
-        """Punch freed slots: a durable store only runs of `PUNCH_MIN_SLOTS` (the format's
-        "Backend"), unless ``every``."""
-        min_run = 1 if every or self.volatile is not None else PUNCH_MIN_SLOTS
+    def _discard(self, slots: list[int]) -> None:
         try:
-            self._backend.discard(slots, min_run=min_run)
+            self._backend.discard(slots)
         except BackendError as exc:
             self._log.error("giving back the space of freed slots failed: %s", exc)
 
