@@ -12,8 +12,9 @@ running the job file's block-device command line against each in turn (ublk, zra
 TCG makes absolute numbers meaningless; the ratio ublk/zram, measured in the same guest, is the
 figure.  The table shows the median of the rounds.  ``ublk-ram`` is the swap placement
 (metadata preallocated on ramfs, slots on a second zram: a volatile store), ``store-ram`` the
-store alone placed so.  Two more rows split dedupblk's time: ``ublk-minimal`` (bench/minimal_ublk.py: the same frontend over a RAM disk, the ceiling for
-a Python ublk server) and ``store`` (the store alone in the guest, the job's writes issued from
+store alone placed so.  Two more rows split dedupblk's time: ``ublk-minimal``
+(bench/minimal_ublk.py: the same frontend over a RAM disk, the ceiling for a Python ublk
+server) and ``store`` (the store alone in the guest, the job's writes issued from
 Python in passes of the job's depth, write jobs only).  Per request, ublk is about ublk-minimal
 plus store (the us/req column).  ``--devices ...,ublk-zram`` adds dedupblk with its slots on a
 second zram device (metadata still on /scratch).  ``--profile`` adds one cProfiled ublk run of
