@@ -99,6 +99,14 @@ class SizeType(click.ParamType[int, Any]):
 
 
 SIZE = SizeType()
+# `create` and `estimate` take the same bound (an estimate predicts a store made with it).
+MAX_SHARE_OPTION = click.option(
+    "--max-share",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_SHARE,
+    show_default=True,
+    help="Most pages that may share one slot.",
+)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -117,13 +125,7 @@ def main(verbose: bool) -> None:
 @click.option("--backend", type=click.Path(), help="File or block device for the slots.")
 @click.option("--backend-size", type=SIZE, help="Capacity of a new backend file.")
 @click.option("--max-index-entries", type=click.IntRange(min=1), help="Bound the dedup index.")
-@click.option(
-    "--max-share",
-    type=click.IntRange(min=1),
-    default=DEFAULT_MAX_SHARE,
-    show_default=True,
-    help="Most pages that may share one slot.",
-)
+@MAX_SHARE_OPTION
 @click.option(
     "--preallocate",
     is_flag=True,
@@ -254,13 +256,7 @@ def stats(store: str, as_json: bool, output_format: str | None) -> None:
 @main.command()
 @click.argument("image", type=click.Path(exists=True, dir_okay=False))
 @click.option("--size", type=SIZE, help="Device size (default: the image's, rounded up to 4K).")
-@click.option(
-    "--max-share",
-    type=click.IntRange(min=1),
-    default=DEFAULT_MAX_SHARE,
-    show_default=True,
-    help="Most pages that may share one slot.",
-)
+@MAX_SHARE_OPTION
 @click.option(
     "--temp-dir",
     type=click.Path(exists=True, file_okay=False),

@@ -257,18 +257,24 @@ def test_every_option_of_the_other_frontend_is_named(
     assert err == "dedupblk: --dev-id, --swap: options of --frontend ublk, not nbd\n"
 
 
-def test_defaults_of_the_other_frontend_are_not_given(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from dedupblk.nbd import launcher  # noqa: PLC0415
-
+def record_serve(monkeypatch: pytest.MonkeyPatch, frontend: object) -> list[dict[str, object]]:
+    """Replace ``frontend.serve`` with a recorder: the keyword arguments of each call."""
     served: list[dict[str, object]] = []
 
     def record(store: str, **kwargs: object) -> int:
         served.append(kwargs)
         return 0
 
-    monkeypatch.setattr(launcher, "serve", record)
+    monkeypatch.setattr(frontend, "serve", record)
+    return served
+
+
+def test_defaults_of_the_other_frontend_are_not_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dedupblk.nbd import launcher  # noqa: PLC0415
+
+    served = record_serve(monkeypatch, launcher)
     code, _, err = run("serve", str(tmp_path), "--frontend", "nbd", "--readonly")
     assert code == 0, err
     assert served[0]["readonly"] is True
@@ -279,13 +285,7 @@ def test_the_swap_risk_reaches_the_ublk_frontend(
 ) -> None:
     from dedupblk.frontends import ublk  # noqa: PLC0415
 
-    served: list[dict[str, object]] = []
-
-    def record(store: str, **kwargs: object) -> int:
-        served.append(kwargs)
-        return 0
-
-    monkeypatch.setattr(ublk, "serve", record)
+    served = record_serve(monkeypatch, ublk)
     for risk in ([], ["--swap-placement-may-hang"]):
         code, _, err = run("serve", str(tmp_path), "--frontend", "ublk", "--swap", *risk)
         assert code == 0, err
