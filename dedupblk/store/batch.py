@@ -71,7 +71,9 @@ class _NeedsSlot(Exception):
 class SlotCounts:
     """The store's view of its free slots, in memory: how many allocatable slots each refs chunk
     holds (refcount 0, not slot 0, below the capacity, and released), where the next search
-    starts, and the slots freed by recent commits that are not released yet."""
+    starts, the slots freed by recent commits that are not released yet, and the released ones
+    whose old data still takes space in the backend (a durable store punches them at a flush,
+    and allocation takes them first: a slot that is written again needs no punch)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -80,6 +82,7 @@ class SlotCounts:
         self.total = 0
         self.rover = FIRST_DATA_SLOT
         self.unreleased: set[int] = set()
+        self.unpunched: set[int] = set()
 
     def count_chunk(self, chunk: int, refs: bytes | memoryview | None) -> None:
         """Set a chunk's count from its refcounts (None: the chunk has no record, all free)."""
@@ -156,6 +159,7 @@ class Batch:
         # Where `_allocate` found its last slot: the next is looked for after it first.
         self._next_refs: bytearray | None = None
         self._next_base = self._next_at = 0
+        self._unpunched: list[int] | None = None  # `counts.unpunched`, descending, when needed
 
     # -- records, read once into private copies ------------------------------------------------
 
@@ -376,7 +380,12 @@ class Batch:
     def _allocate(self) -> int:
         """A free, released slot (see the format's write order): the next one after the last
         taken (wrapping around), so that a batch's new slots lie together and its fingerprint
-        words and refcounts are few records to rewrite. `StoreFull` when there is none."""
+        words and refcounts are few records to rewrite; but first a released slot that was not
+        punched yet, lowest first. `StoreFull` when there is none."""
+        if self.counts.unpunched:
+            slot = self._take_unpunched()
+            if slot:
+                return slot
         refs = self._next_refs
         if refs is not None:  # the chunk the last slot came from: the next free one in it
             at = refs.find(0, self._next_at)
@@ -389,6 +398,19 @@ class Batch:
                     self.rover = slot + 1 if slot + 1 < self.counts.capacity else FIRST_DATA_SLOT
                     return slot
         return self._search()
+
+    def _take_unpunched(self) -> int:
+        """A slot of `SlotCounts.unpunched` that this batch has not taken; 0 when none is left."""
+        pool = self._unpunched
+        if pool is None:
+            pool = self._unpunched = sorted(self.counts.unpunched, reverse=True)
+        while pool:
+            slot = pool.pop()
+            chunk_no = slot // REF_CHUNK_SLOTS
+            if not self._ref_chunk(chunk_no)[slot - chunk_no * REF_CHUNK_SLOTS]:
+                self.allocated_by_chunk[chunk_no] = self.allocated_by_chunk.get(chunk_no, 0) + 1
+                return slot
+        return 0
 
     def _search(self) -> int:
         """`_allocate` from the rover on, skipping chunks the counts say are full."""

@@ -83,6 +83,11 @@ GROUP_PAGES = 1024  # pages buffered before a commit (4 MiB)
 GROUP_SECONDS = 0.05  # longest a buffered page waits for its commit
 SLOT_CACHE_PAGES = 1024  # slot contents kept for verifying duplicates and for reads (4 MiB)
 LOG_INTERVAL_SECONDS = 10.0  # a repeated failure is logged at most this often
+# Released slots a durable store keeps unpunched, at most (16 MiB of backend space): they are
+# punched at the next flush, or all at once when there are more. Random overwrites free slots
+# that are no run in the backend, one `fallocate` each; a slot that is written again first is
+# never punched at all.
+UNPUNCHED_LIMIT = 4096
 _U32_AT = struct.Struct("<I").unpack_from
 _pack_map_key = MAP_KEY.pack
 
@@ -198,6 +203,7 @@ class Store:
         self._log = _RateLimited()
         self._committer: threading.Thread | None = None
         self._committer_idle = True  # it waits with no deadline: a new batch must wake it
+        self._applying: Batch | None = None  # the batch a commit applies now, until it returns
         self._group_commit = group_commit  # commit a batch GROUP_SECONDS old in the background
         # Slot contents recently written or read for verification, so that a duplicate of a hot
         # page is verified without a read from the backend (bounded; see `_remember_slots`).
@@ -783,6 +789,7 @@ class Store:
                     new_data=new_data,
                 )
             ]  # the last try is the one that commits
+            self._applying = applied[0]
             applied[0].apply(batch)
 
         try:
@@ -797,6 +804,8 @@ class Store:
         except SyncFailed as exc:
             self._broken = exc
             raise
+        finally:
+            self._applying = None
         return applied[0]
 
     def _committed(self, done: Batch) -> None:
@@ -809,6 +818,8 @@ class Store:
             counts.total -= taken
         counts.rover = done.rover
         counts.unreleased.update(done.dead)
+        if counts.unpunched:
+            counts.unpunched.difference_update(done.new_data)
         if self.volatile is not None:
             self._release(done.dead)  # the commit is as durable as it will ever be
         else:
@@ -817,9 +828,29 @@ class Store:
         self._remember_slots(done)
 
     def _release(self, slots: list[int]) -> None:
-        if slots:
+        """Make freed slots allocatable; give their space back at once in a volatile store (zram
+        frees its memory), at the next flush in a durable one (see `UNPUNCHED_LIMIT`)."""
+        if not slots:
+            return
+        counts = self._counts
+        counts.release(slots)
+        if self.volatile is not None or not self._backend.punches:
             self._discard(slots)
-            self._counts.release(slots)
+            return
+        counts.unpunched.update(slots)
+        if len(counts.unpunched) > UNPUNCHED_LIMIT:
+            self._punch_released()
+
+    def _punch_released(self) -> None:
+        """Punch the released slots that were not written again, except those the batch being
+        committed (its syncs run without the lock) has taken."""
+        counts = self._counts
+        if not counts.unpunched:
+            return
+        taken = self._applying.new_data if self._applying is not None else {}
+        slots = sorted(slot for slot in counts.unpunched if slot not in taken)
+        counts.unpunched.intersection_update(taken)
+        self._discard(slots)
 
     def _discard(self, slots: list[int]) -> None:
         try:
@@ -865,6 +896,7 @@ class Store:
             self._unsynced = False
             self._release(self._cooling)
             self._cooling = []
+        self._punch_released()
         error, self._write_error = self._write_error, None
         if error is not None:
             raise type(error)(f"an earlier write failed and was not kept: {error}") from error
