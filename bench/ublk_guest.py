@@ -229,7 +229,8 @@ def write_job(job: str) -> tuple[int, int] | None:
 def store_alone(job: str, args: argparse.Namespace, round_: int, *, in_ram: bool) -> None:
     """The store's share of a write job, without kernel or frontend: the job's 4 KiB random writes
     put to a fresh store from this process (on /scratch, or ``in_ram`` placed as ublk-ram is), in
-    passes of the job's iodepth with one commit each, as a ublk queue does.  Like fio
+    passes of the job's iodepth, committed as the ublk server commits (``in_ram``: once a pass;
+    on /scratch by the store's committer, and once at the end, timed).  Like fio
     (randrepeat=0, its random map on) the offsets visit every page once, in random order, before
     any is written again; like fio's "repeat" dedupe mode a duplicate repeats the last unique
     page.  Only the store calls are timed (``runtime`` seconds of them), without the server's
@@ -256,7 +257,8 @@ def store_alone(job: str, args: argparse.Namespace, round_: int, *, in_ram: bool
     unique = 0
     passes: list[float] = []
     spent = 0.0
-    with open_store(str(path), group_commit=False) as store:
+    with open_store(str(path), group_commit=None) as store:
+        each_pass = not store.commits_in_background
         while spent < args.runtime:
             offsets = []
             for buffer in buffers:
@@ -271,10 +273,14 @@ def store_alone(job: str, args: argparse.Namespace, round_: int, *, in_ram: bool
             begin = time.perf_counter()
             for offset, view in zip(offsets, views, strict=True):
                 store.write(offset, view)
-            store.commit()
+            if each_pass:
+                store.commit()
             took = time.perf_counter() - begin
             passes.append(took)
             spent += took
+        begin = time.perf_counter()
+        store.commit()
+        spent += time.perf_counter() - begin
     shutil.rmtree(path)
     if in_ram:
         (backend_zram_dir() / "reset").write_text("1\n")

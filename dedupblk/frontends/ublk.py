@@ -77,18 +77,29 @@ class RequestHandler:
     """Answers a queue's requests with calls on ``device`` (a `dedupblk.ublk.queue.Handler`).
 
     Durability order of a pass: every request is applied (pending, not committed), then one
-    commit (if anything changed), then one flush (if a FLUSH or FUA request is among them); a
-    failed commit or flush fails exactly the requests that depended on it.  Only then do the
-    results go to the kernel, so when the kernel completes a write it survives a crash of this
-    server, and a FLUSH or FUA one a crash of the machine.  One handler serves every queue.
+    commit (if anything changed and ``commit_each_pass``), then one flush (if a FLUSH or FUA
+    request is among them); a failed commit or flush fails exactly the requests that depended on
+    it.  Only then do the results go to the kernel, so a FLUSH or FUA request it completes
+    survives a crash of the machine, and with ``commit_each_pass`` every write it completes
+    survives a crash of this server.  Without it (a durable store, whose every commit waits for
+    the disk: the store commits in the background, within `dedupblk.store.store.GROUP_SECONDS`),
+    a crash of the server may lose writes that were never flushed, as a power cut of a disk with
+    a volatile write cache may (the device says it has one).  One handler serves every queue.
 
     With ``metrics``, each pass adds its requests to the counters once per operation, and each
     failed request (its own failure, or its commit's or flush's) to the error counters.
     """
 
-    def __init__(self, device: BlockDevice, metrics: ServerCounters | None = None) -> None:
+    def __init__(
+        self,
+        device: BlockDevice,
+        metrics: ServerCounters | None = None,
+        *,
+        commit_each_pass: bool = True,
+    ) -> None:
         self.device = device
         self.metrics = metrics
+        self.commit_each_pass = commit_each_pass
 
     def handle(self, q_id: int, batches: Iterable[Sequence[Request]]) -> list[tuple[int, int]]:
         """Answer one pass of queue ``q_id``: ``(tag, result)`` for every request, in order."""
@@ -135,7 +146,7 @@ class RequestHandler:
                     result = errno_result(exc, _describe(q_id, tag, op, offset, length))
                     failed = True
                 results.append(result)
-        if changed:
+        if changed and self.commit_each_pass:
             failed |= _covering(device.commit, changed, results, f"ublk queue {q_id}: commit")
         if durable:
             failed |= _covering(device.flush, durable, results, f"ublk queue {q_id}: flush")
@@ -211,12 +222,15 @@ def serve(
     with signals_blocked():
         # Hardened before the store opens: its threads inherit the io-flusher flag.
         harden_process(strict=swap)
-        # Every pass commits its own batch before answering the kernel: no timed commits (their
-        # thread would compete with the queue threads for the GIL). Few slot contents are kept:
-        # every byte of this process is locked in memory (docs/measurements.md, "Server memory").
+        # Over a volatile store every pass commits its own batch before answering the kernel: no
+        # timed commits (their thread would compete with the queue threads for the GIL). A durable
+        # store's commits each wait for the disk (slot data, then LMDB): one a pass would put two
+        # syncs in every pass, so it commits in the background (docs/measurements.md, "ublk
+        # against zram"). Few slot contents are kept: every byte of this process is locked in
+        # memory (docs/measurements.md, "Server memory").
         counted = ServerCounters()
         with open_store(
-            store_path, group_commit=False, slot_cache_pages=SLOT_CACHE_PAGES, observer=counted
+            store_path, group_commit=None, slot_cache_pages=SLOT_CACHE_PAGES, observer=counted
         ) as store:
             check_placement(
                 store.path, store.backend_path, slots_preallocated=store.backend_preallocated,
@@ -235,7 +249,9 @@ def serve(
             announcement = Announcement(store.path)
             try:
                 return server.run(
-                    RequestHandler(store, counted),
+                    RequestHandler(
+                        store, counted, commit_each_pass=not store.commits_in_background
+                    ),
                     size=store.size,
                     on_ready=announcement.ready,
                     on_stopping=announcement.stopping,

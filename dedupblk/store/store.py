@@ -10,8 +10,8 @@ and a new one fills while the committer works: at most one full buffer waits, so
 are in memory. The committer syncs (data, then metadata: the format's write order) without the
 store's lock, so requests go on meanwhile; they see every page handed over. `Store.commit` and
 `Store.flush` wait until everything accepted is committed (flush: and durable). A caller that
-commits every batch itself (the ublk server, once per pass) opens the store with
-``group_commit=False``: no committer thread then, and each commit runs in the caller's thread. A
+commits every batch itself (the ublk server over a volatile store, once per pass) opens the store
+with ``group_commit=False``: no committer thread then, and each commit runs in its thread. A
 kill of the process loses only pages not yet committed, which read back afterwards as their old
 content.
 
@@ -114,7 +114,7 @@ def open_store(
     *,
     readonly: bool = False,
     fingerprint: FingerprintFn | None = None,
-    group_commit: bool = True,
+    group_commit: bool | None = True,
     slot_cache_pages: int = SLOT_CACHE_PAGES,
     observer: StoreObserver | None = None,
 ) -> Store:
@@ -122,8 +122,10 @@ def open_store(
 
     ``fingerprint`` replaces XXH3-128 (tests inject colliding functions to prove that verify keeps
     different pages apart). ``group_commit=False`` is for a caller that commits every batch
-    itself (the ublk server, once per pass): no background thread then commits on a timer, so
-    none competes with the request path. ``slot_cache_pages`` bounds the slot contents kept in
+    itself: no background thread then commits on a timer, so none competes with the request
+    path. ``group_commit=None``: group commit in a durable store only, whose commits each wait
+    for the disk (the ublk server: a volatile store's caller commits every pass itself).
+    ``slot_cache_pages`` bounds the slot contents kept in
     memory (a server whose memory is locked keeps fewer). ``observer`` is told how long each
     commit and flush takes (see `StoreObserver`). Use as a context manager; `Store.close`
     flushes.
@@ -165,7 +167,7 @@ class Store:
         *,
         readonly: bool,
         fingerprint: FingerprintFn,
-        group_commit: bool = True,
+        group_commit: bool | None = True,
         slot_cache_pages: int = SLOT_CACHE_PAGES,
         observer: StoreObserver | None = None,
     ) -> None:
@@ -204,7 +206,8 @@ class Store:
         self._committer: threading.Thread | None = None
         self._committer_idle = True  # it waits with no deadline: a new batch must wake it
         self._applying: Batch | None = None  # the batch a commit applies now, until it returns
-        self._group_commit = group_commit  # commit a batch GROUP_SECONDS old in the background
+        # Commit a batch GROUP_SECONDS old in the background (see `open_store`).
+        self._group_commit = self.volatile is None if group_commit is None else group_commit
         # Slot contents recently written or read for verification, so that a duplicate of a hot
         # page is verified without a read from the backend (bounded; see `_remember_slots`).
         self._slot_cache: dict[int, bytes] = {}
@@ -319,6 +322,12 @@ class Store:
         finally:
             with self._lock:
                 self._release_files()
+
+    @property
+    def commits_in_background(self) -> bool:
+        """Whether the committer commits accepted writes by itself (group commit), not only
+        `commit` and `flush`."""
+        return self._group_commit
 
     @property
     def backend_preallocated(self) -> bool:

@@ -78,6 +78,33 @@ def test_writes_are_committed_before_the_pass_answers(queue: Queue, store_dir: s
     assert queue.buffer(2, 3 * P) == a + b + bytes(P)
 
 
+def test_a_durable_store_commits_in_the_background_and_flushes_what_asks(
+    store_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # How the server opens a store: a durable one (here on a disk) commits in the background,
+    # so a pass of plain writes waits for no sync; a FLUSH still makes them durable before it
+    # completes.
+    with open_store(store_dir, group_commit=None) as store:
+        assert store.volatile is None and store.commits_in_background
+        queue = Queue(store)
+        queue.handler = ublk.RequestHandler(store, commit_each_pass=False)
+        syncs: list[int] = []
+        real_sync = store._backend.sync
+        monkeypatch.setattr(store._backend, "sync", lambda: (syncs.append(1), real_sync()))
+        monkeypatch.setattr(store, "commit", lambda: pytest.fail("a pass committed"))
+        a = rand_page(1)
+        queue.request(0, UBLK_IO_OP_WRITE, 0, P, a)
+        assert queue.run_pass([0]) == {0: P}
+        queue.request(1, UBLK_IO_OP_READ, 0, P)
+        assert queue.run_pass([1]) == {1: P}
+        assert queue.buffer(1, P) == a  # read from what is pending or committed
+        queue.request(2, UBLK_IO_OP_FLUSH, 0, 0)
+        assert queue.run_pass([2]) == {2: 0}
+        assert syncs and not store._pending and not store._sealed
+    with open_store(store_dir, readonly=True) as store:
+        assert store.read(0, P) == a
+
+
 def test_flush_and_fua_flush_once_per_pass(queue: Queue, monkeypatch: pytest.MonkeyPatch) -> None:
     flushes: list[int] = []
     real_flush = queue.store.flush
