@@ -316,6 +316,16 @@ def _report_damage(meta: Meta, txn: Any, scan: _Scan) -> None:
                      "match its fingerprint")  # fmt: skip
 
 
+def damaged_structure(meta_dir: str) -> CheckResult | None:
+    """The first check alone, read from the file: what `run_checks` returns for an LMDB file
+    whose pages do not form the B-trees LMDB would walk (unrepairable), or None."""
+    structure = lmdb_verify.verify(meta_dir)
+    if not structure:
+        return None
+    problems = [Problem("lmdb", message) for message in structure]
+    return CheckResult(problems, repaired=False, checks=CHECK_NAMES, unrepairable=True)
+
+
 def run_checks(
     meta: Meta,
     backend: Backend,
@@ -328,10 +338,9 @@ def run_checks(
     lock). With ``repair``, fix what was found (see the format's "Repair") and return the
     problems the repair fixed (a second check should then be clean)."""
     report = progress or (lambda _n: None)
-    structure = lmdb_verify.verify(meta.env.path())
-    if structure:
-        problems = [Problem("lmdb", message) for message in structure]
-        return CheckResult(problems, repaired=False, checks=CHECK_NAMES, unrepairable=True)
+    damaged = damaged_structure(meta.env.path())
+    if damaged is not None:
+        return damaged
     config, state = meta.read_header()
     scan = _Scan(config, state)
     with meta.env.begin(buffers=True) as txn:

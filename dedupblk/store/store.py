@@ -54,7 +54,7 @@ from ..errors import (
 from ..fsinfo import in_memory
 from .backend import Backend
 from .batch import ZERO_PENDING, Batch, Pending, SlotCounts, WriteFailed
-from .check import CheckResult, Progress, run_checks
+from .check import CheckResult, Progress, damaged_structure, run_checks
 from .fingerprint import DATA, FILL, ZERO, ZERO_PAGE, FingerprintFn, classify, fill_page, xxh3_128
 from .format import (
     DATA_FILE,
@@ -170,6 +170,7 @@ class Store:
         group_commit: bool | None = True,
         slot_cache_pages: int = SLOT_CACHE_PAGES,
         observer: StoreObserver | None = None,
+        verify_structure: bool = False,
     ) -> None:
         if not os.path.isfile(os.path.join(store_dir, META_DIR, "data.mdb")):
             kind = "no such store" if not os.path.exists(store_dir) else "not a dedupblk store"
@@ -181,6 +182,10 @@ class Store:
         self._closed = False
         self._file_lock = StoreLock(store_dir, exclusive=not readonly)
         try:
+            if verify_structure:  # before a writer's open commits anything into the file
+                damaged = damaged_structure(os.path.join(store_dir, META_DIR))
+                if damaged is not None:
+                    raise _Unrepairable(damaged)
             self.volatile, self._meta, self._backend = self._open_files(store_dir, readonly)
         except BaseException:
             self._file_lock.release()
@@ -956,6 +961,14 @@ class Store:
             return lost
 
 
+class _Unrepairable(Exception):
+    """A store not opened for repair: its metadata file's structure is damaged."""
+
+    def __init__(self, result: CheckResult) -> None:
+        super().__init__("the metadata file itself is damaged")
+        self.result = result
+
+
 def _first(mapping: dict[int, bytes], count: int) -> Iterator[int]:
     for n, key in enumerate(mapping):
         if n >= count:
@@ -973,5 +986,12 @@ def check_store(
     """Open the store (shared; exclusive to repair), run every named check, close it. With
     ``repair``, fix what was found from the map and return the problems that the repair fixed
     (a second check should then be clean)."""
-    with open_store(path, readonly=not repair) as store:
+    try:
+        # A repair first checks the file's structure: writing into B-trees LMDB cannot walk
+        # could spread the damage, and opening a store for writing commits its state.
+        opened = Store(os.fspath(path), readonly=not repair, fingerprint=xxh3_128,
+                       verify_structure=repair)  # fmt: skip
+    except _Unrepairable as damaged:
+        return damaged.result
+    with opened as store:
         return store.check(repair=repair, progress=progress, on_total=on_total)

@@ -310,3 +310,78 @@ def test_repair_clears_entries_past_the_end_of_the_device(tmp_path: Path) -> Non
     with open_store(path, readonly=True) as store:
         assert store.read(1021 * P, P) == page
         assert store.statistics().mapped_pages == 1
+
+
+def test_a_partial_trim_of_a_lost_page_leaves_it_lost_and_a_whole_one_frees_it(
+    tmp_path: Path,
+) -> None:
+    """A trim is advisory: over part of a page that reads as EIO it does nothing (the rest of
+    the page cannot be known), where a write of zeroes must fail; a trim of the whole page makes
+    it zeros again."""
+    path = _populated(tmp_path)
+    break_slot_data(path)
+    assert check_store(path, repair=True).lost == [(3 * P, P)]
+    with open_store(path) as store:
+        store.trim(3 * P + 512, 1024)
+        with pytest.raises(DataLost):
+            store.read(3 * P, P)
+        with pytest.raises(DataLost):
+            store.write_zeroes(3 * P + 512, 1024)
+        store.trim(2 * P, 2 * P)  # page 2 whole, page 3 whole
+        assert store.read(2 * P, 2 * P) == bytes(2 * P)
+        assert store.read(0, P) == SHARED
+    assert check_store(path).problems == []
+
+
+@pytest.mark.parametrize("record", [b"config", KEY_STATE])
+def test_an_undecodable_header_record_is_one_line_for_every_command(
+    tmp_path: Path, record: bytes
+) -> None:
+    """A header record of the wrong length (LMDB itself intact): every command says the
+    metadata is damaged in one line, never a `struct.error` traceback."""
+    path = _populated(tmp_path)
+
+    def body(txn: Any, dbs: dict[bytes, Any]) -> None:
+        value = txn.get(record, db=dbs[b"info"])
+        txn.put(record, value[:-3], db=dbs[b"info"])
+
+    _edit(path, body)
+    for command in (["check", path], ["check", path, "--repair"], ["info", path],
+                    ["stats", path], ["dump", path, "0", str(P)]):  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "dedupblk.cli", *command], cwd=REPO,
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        assert done.returncode not in (0, None) and done.returncode > 0, (command, done)
+        assert "Traceback" not in done.stderr, (command, done.stderr)
+        assert done.stderr.count("\n") == 1, (command, done.stderr)
+        assert "damaged" in done.stderr or "undecodable" in done.stderr, (command, done.stderr)
+
+
+def test_a_damaged_lmdb_page_is_exit_status_4_and_repair_changes_nothing(tmp_path: Path) -> None:
+    """The page type of each page LMDB uses, broken in turn: a store that still opens is found
+    damaged by the structure check (exit 4: no repair can rebuild from such a file), and
+    ``--repair`` then writes nothing."""
+    source = _populated(tmp_path)
+    data = os.path.join(source, "meta", "data.mdb")
+    with open_store(source, readonly=True) as store:
+        used = min(os.path.getsize(data), store.statistics().metadata_bytes) // P
+    seen = set()
+    for page in range(2, used):  # past LMDB's two meta pages
+        path = str(tmp_path / f"p{page}")
+        shutil.copytree(source, path)
+        damaged = os.path.join(path, "meta", "data.mdb")
+        with open(damaged, "r+b") as f:
+            f.seek(page * P + 10)  # the page flags (LMDB 0.9 page header: pgno, pad, flags)
+            flags = f.read(1)[0]
+            f.seek(page * P + 10)
+            f.write(bytes([flags ^ 0x7F]))
+        checked = CliRunner().invoke(main, ["check", path])
+        seen.add(checked.exit_code)
+        assert checked.exit_code in (0, 1, 4), (page, checked.output)  # 0: a free page
+        if checked.exit_code == 4:
+            assert "the metadata file itself is damaged" in checked.stdout
+            before = Path(damaged).read_bytes()
+            repaired = CliRunner().invoke(main, ["check", path, "--repair"])
+            assert repaired.exit_code == 4, (page, repaired.output)
+            assert Path(damaged).read_bytes() == before
+        shutil.rmtree(path)
+    assert 4 in seen
