@@ -6,7 +6,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd qemu-utils fio \
+APT_PACKAGES := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd qemu-utils fio lvm2 \
 	qemu-system-x86 busybox-static e2fsprogs util-linux fdisk xz-utils cpio kmod python3-venv \
 	python3-dev
 STAMP := .venv/.installed

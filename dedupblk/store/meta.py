@@ -107,6 +107,12 @@ def _check_size(env: Any, store_dir: str, data_mdb: str) -> None:
         raise FormatError(f"{store_dir}: the metadata is truncated ({size} bytes of {used} in use)")
 
 
+def refuse_truncated(store_dir: str) -> None:
+    """`FormatError` if the store's ``data.mdb`` is shorter than the pages in use."""
+    path = os.path.join(store_dir, META_DIR)
+    _refuse_truncated(store_dir, path, os.path.join(path, "data.mdb"))
+
+
 def _refuse_truncated(store_dir: str, path: str, data_mdb: str) -> None:
     """The size check, before a writer opens the file: opening it writable would first extend
     the file with zeros to the map size, and the damage would no longer show."""

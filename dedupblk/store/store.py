@@ -74,7 +74,7 @@ from .format import (
     map_key,
 )
 from .lock import StoreLock
-from .meta import Meta, damaged_metadata
+from .meta import Meta, damaged_metadata, refuse_truncated
 from .stats import Statistics, statistics_of
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,7 @@ class Store:
         self._file_lock = StoreLock(store_dir, exclusive=not readonly)
         try:
             if verify_structure:  # before a writer's open commits anything into the file
+                refuse_truncated(store_dir)  # its own message: the file is short, not scrambled
                 damaged = damaged_structure(os.path.join(store_dir, META_DIR))
                 if damaged is not None:
                     raise _Unrepairable(damaged)

@@ -44,10 +44,32 @@ def _gpt(path: Path) -> None:
     subprocess.run(["sfdisk", "-q", str(path)], input="label: gpt\n", text=True, check=True)
 
 
+def _lvm(path: Path) -> None:
+    # pvcreate writes its label on a block device only: a loop device over the file.
+    _need_root()
+    device = _loop(path)
+    try:
+        subprocess.run(["pvcreate", "-q", device], check=True, capture_output=True)
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=True)
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root: the block-device claims must be tested")
+        pytest.skip("needs root (losetup, mount)")
+
+
 @pytest.mark.parametrize(
     ("make", "found"),
-    [(_ext4, "an ext4 filesystem"), (_swap, "swap space"), (_gpt, "a gpt partition table")],
-    ids=["ext4", "swap", "gpt"],
+    [
+        (_ext4, "an ext4 filesystem"),
+        (_swap, "swap space"),
+        (_gpt, "a gpt partition table"),
+        (_lvm, "an LVM physical volume"),
+    ],
+    ids=["ext4", "swap", "gpt", "lvm"],
 )
 def test_a_file_with_a_signature_is_refused_by_name(
     tmp_path: Path, make: Callable[[Path], None], found: str
@@ -104,10 +126,7 @@ def _loop(image: Path) -> str:
 
 
 def test_a_block_device_with_a_filesystem_or_mounted_is_refused(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("CI runs as root: the block-device claims must be tested")
-        pytest.skip("needs root (losetup, mount)")
+    _need_root()
     image = _image(tmp_path / "disk.img")
     _ext4(image)
     device = _loop(image)
@@ -126,5 +145,28 @@ def test_a_block_device_with_a_filesystem_or_mounted_is_refused(tmp_path: Path) 
         finally:
             subprocess.run(["umount", str(mount)], check=True)
         subprocess.run(["e2fsck", "-fn", device], check=True, capture_output=True)
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=True)
+
+
+def test_a_block_device_held_open_exclusively_is_refused(tmp_path: Path) -> None:
+    # Nothing on it to find, nothing mounted: only someone holding it with O_EXCL (as mkfs, a
+    # device-mapper table or another dedupblk server would).
+    _need_root()
+    image = _image(tmp_path / "disk.img")
+    device = _loop(image)
+    try:
+        holder = os.open(device, os.O_RDONLY | os.O_EXCL)
+        try:
+            for overwrite in (False, True):
+                with pytest.raises(BackendMismatch, match="mounted or held open exclusively"):
+                    create_store(str(tmp_path / "s"), SMALL, backend=device,
+                                 overwrite_backend=overwrite)  # fmt: skip
+        finally:
+            os.close(holder)
+        create_store(str(tmp_path / "s"), SMALL, backend=device)  # free again: taken
+        with open_store(tmp_path / "s") as store:
+            store.write(0, b"\x03" * P)
+            store.flush()
     finally:
         subprocess.run(["losetup", "--detach", device], check=True)
