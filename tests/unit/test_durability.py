@@ -12,7 +12,9 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import lmdb
 import pytest
 
 from dedupblk.errors import BackendError, StoreFull, StoreLocked, SyncFailed
@@ -220,6 +222,68 @@ def test_a_failed_sync_fails_every_later_write_until_reopened(
             with pytest.raises(BackendError, match="reopen the store"):
                 attempt()
         assert store.read(0, P) == rand_page(1)
+    with open_store(path) as store:  # ...and a reopened store works, with what was durable
+        assert store.read(0, P) == rand_page(1)
+        store.write(2 * P, rand_page(3))
+        store.flush()
+        assert store.check().problems == []
+
+
+class _FailingCommits:
+    """An LMDB environment whose write transactions fail to commit (as a commit's sync that
+    failed: LMDB raises, and what reached the disk is unknown)."""
+
+    def __init__(self, env: Any) -> None:
+        self._env = env
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._env, name)
+
+    def begin(self, *args: Any, **kwargs: Any) -> Any:
+        txn = self._env.begin(*args, **kwargs)
+        return _FailingCommit(txn) if kwargs.get("write") else txn
+
+
+class _FailingCommit:
+    def __init__(self, txn: Any) -> None:
+        self._txn = txn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._txn, name)
+
+    def commit(self) -> None:
+        self._txn.abort()
+        raise lmdb.Error("mdb_txn_commit: Input/output error")
+
+
+@pytest.mark.parametrize("where", ["commit", "flush"])
+def test_a_failed_metadata_sync_fails_every_later_write_until_reopened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # LMDB's own sync: in a durable store's every commit, and the flush's sync of the meta page.
+    path = str(tmp_path / "s")
+    create_store(path, SMALL)
+    with open_store(path, group_commit=False) as store:
+        store.write(0, rand_page(1))
+        store.flush()
+        meta = store._meta
+        real_env, real_sync = meta.env, meta.sync
+        if where == "commit":
+            monkeypatch.setattr(meta, "env", _FailingCommits(real_env))
+        else:
+
+            def failing_sync() -> None:
+                raise SyncFailed("syncing metadata: Input/output error")
+
+            monkeypatch.setattr(meta, "sync", failing_sync)
+        store.write(P, rand_page(2))
+        with pytest.raises(SyncFailed):
+            store.flush()
+        monkeypatch.setattr(meta, "env", real_env)  # the disk "recovers"...
+        monkeypatch.setattr(meta, "sync", real_sync)
+        for attempt in (lambda: store.write(2 * P, rand_page(3)), store.flush, store.commit):
+            with pytest.raises(BackendError, match="reopen the store"):
+                attempt()
     with open_store(path) as store:  # ...and a reopened store works, with what was durable
         assert store.read(0, P) == rand_page(1)
         store.write(2 * P, rand_page(3))
