@@ -308,6 +308,7 @@ class Store:
     def close(self) -> None:
         """Flush everything, wait for the committer and release the store. Idempotent. If the
         final flush fails the store is still released, and the error raised."""
+        failure: BaseException | None = None
         with self._lock:
             if self._closed:
                 return
@@ -318,6 +319,8 @@ class Store:
                     meta = self._meta
                     meta.write(lambda txn: txn.put(KEY_STATE, self._state.pack(), db=meta.info))
                     meta.sync()
+            except BaseException as exc:  # noqa: BLE001 -- raised once the store is released
+                failure = exc
             finally:
                 self._closed = True
                 self._wake.notify_all()
@@ -328,6 +331,8 @@ class Store:
         finally:
             with self._lock:
                 self._release_files()
+        if failure is not None:
+            raise failure
 
     @property
     def commits_in_background(self) -> bool:

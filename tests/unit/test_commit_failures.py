@@ -248,3 +248,60 @@ def test_a_flush_finishes_while_other_writers_keep_writing(
             for thread in threads:
                 thread.join()
     assert errors == []
+
+
+def test_close_waits_for_the_commit_in_progress_even_with_no_flush_to_make(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_groups: int
+) -> None:
+    # The committer syncs slot data without the store's lock. A close that makes no flush (the
+    # store failed a sync elsewhere meanwhile: here set by hand) must still not release the
+    # files while it does, or the commit would land in a closed environment.
+    path = str(tmp_path / "s")
+    create_store(path, 1 << 20)
+    entered, go = threading.Event(), threading.Event()
+    real_sync = Backend.sync
+
+    def sync(self: Backend) -> None:
+        if threading.current_thread().name == "dedupblk-commit" and not go.is_set():
+            entered.set()
+            assert go.wait(HANG)
+        real_sync(self)
+
+    store = open_store(path)
+    monkeypatch.setattr(Backend, "sync", sync)
+    pages = b"".join(_page(1, n) for n in range(small_groups))
+    store.write(0, pages)  # a full buffer: handed to the committer, which waits in its sync
+    assert entered.wait(HANG)
+    with store._lock:
+        store._broken = SyncFailed("syncing metadata: Input/output error")
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    closer.join(0.5)
+    assert closer.is_alive()  # waits while the commit is in its sync
+    go.set()
+    closer.join(HANG)
+    assert not closer.is_alive()
+    with open_store(path) as again:  # released, and the commit landed
+        assert again.read(0, len(pages)) == pages
+
+
+def test_close_releases_the_store_when_its_last_flush_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = str(tmp_path / "s")
+    create_store(path, 1 << 20)
+    store = open_store(path, group_commit=False)
+    store.write(0, _page(2, 0))
+    store.flush()
+
+    def failing_write(*args: object, **kwargs: object) -> None:
+        raise BackendError("writing slots: Input/output error")
+
+    monkeypatch.setattr(store._backend, "write_slots", failing_write)
+    store.write(P, _page(2, 1))
+    with pytest.raises(BackendError):
+        store.close()
+    monkeypatch.undo()
+    with open_store(path) as again:  # the files and the lock were let go
+        assert again.read(0, P) == _page(2, 0)
+        assert again.read(P, P) == bytes(P)
