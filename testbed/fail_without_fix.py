@@ -102,7 +102,8 @@ def run(mutant: Mutant, python: str) -> Outcome:
                 ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False
             )
     lines = tests.stdout.strip().splitlines()
-    failed = [line.split()[1] for line in lines if line.startswith("FAILED ")]
+    # "FAILED <node id> - <message>": a parameter id may hold spaces, the message follows " - ".
+    failed = [line[7:].split(" - ", 1)[0] for line in lines if line.startswith("FAILED ")]
     passed = [t for t in mutant.tests if not any(f.startswith(t) for f in failed)]
     caught = tests.returncode == 1 and not passed
     if tests.returncode in (4, 5):  # usage error, or nothing collected

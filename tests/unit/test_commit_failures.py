@@ -277,9 +277,10 @@ def test_close_waits_for_the_commit_in_progress_even_with_no_flush_to_make(
     closer = threading.Thread(target=store.close)
     closer.start()
     closer.join(0.5)
-    assert closer.is_alive()  # waits while the commit is in its sync
-    go.set()
+    waited = closer.is_alive()
+    go.set()  # (before any assertion: a committer left waiting would outlive the test)
     closer.join(HANG)
+    assert waited  # close waited while the commit was in its sync
     assert not closer.is_alive()
     with open_store(path) as again:  # released, and the commit landed
         assert again.read(0, len(pages)) == pages
