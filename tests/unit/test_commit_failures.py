@@ -274,7 +274,7 @@ def test_close_waits_for_the_commit_in_progress_even_with_no_flush_to_make(
     assert entered.wait(HANG)
     with store._lock:
         store._broken = SyncFailed("syncing metadata: Input/output error")
-    closer = threading.Thread(target=store.close)
+    closer = threading.Thread(target=store.close, daemon=True)  # a deadlock must not hang exit
     closer.start()
     closer.join(0.5)
     waited = closer.is_alive()
