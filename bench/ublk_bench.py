@@ -3,7 +3,7 @@
     .venv/bin/python bench/ublk_bench.py [--rounds 2] [--runtime 10] [--size 128M]
         [--jobs rand-write-dup50,rand-read,dedup-90]
         [--devices ublk,ublk-ram,ublk-minimal,store,store-ram,zram]
-        [--profile] [--json results.json]
+        [--profile] [--baseline CHECKOUT] [--json results.json]
 
 One guest boot (testbed/vm.py: Debian's 6.12 kernel under qemu TCG, 2 CPUs) runs
 bench/ublk_guest.py, which for every round and job serves a fresh store (on the guest's ext4
@@ -17,8 +17,11 @@ store alone placed so.  Two more rows split dedupblk's time: ``ublk-minimal``
 server) and ``store`` (the store alone in the guest, the job's writes issued from
 Python in passes of the job's depth, write jobs only).  Per request, ublk is about ublk-minimal
 plus store (the us/req column).  ``--devices ...,ublk-zram`` adds dedupblk with its slots on a
-second zram device (metadata still on /scratch).  ``--profile`` adds one cProfiled ublk run of
-the first job (queue threads only) and prints its top functions.
+second zram device (metadata still on /scratch).  ``--baseline CHECKOUT`` (a worktree of an
+earlier commit, with its own .venv from ``make venv``) allows ``--devices ...,baseline,
+baseline-store``: ublk and store served by that checkout's code, alternated with this one's in
+the same guest (before and after a change).  ``--profile`` adds one cProfiled ublk run of the
+first job (queue threads only) and prints its top functions.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def print_table(results: list[dict[str, float | str]]) -> None:
         z = medians.get("zram")
         for device in DEVICES:
             u = medians.get(device)
-            if u is None or z is None or device in ("store", "store-ram", "zram"):
+            if u is None or z is None or device in ("store", "baseline-store", "store-ram", "zram"):
                 continue
             print(
                 f"{job:<18} {device + '/zram':<20} {_ratio(u['iops'], z['iops'], '9.2f')} "
@@ -94,6 +97,9 @@ def main(argv: list[str]) -> int:
         help=f"of {', '.join(DEVICES)}",
     )
     parser.add_argument("--profile", action="store_true", help="add a cProfiled ublk run")
+    parser.add_argument(
+        "--baseline", help="a checkout with its own .venv, for the baseline devices"
+    )
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--timeout", type=float, default=1800, help="VM timeout, seconds")
     args = parser.parse_args(argv)
@@ -105,6 +111,7 @@ def main(argv: list[str]) -> int:
         f"{PYTHON} {GUEST} --rounds {args.rounds} --runtime {args.runtime} --size {args.size} "
         f"--jobs {args.jobs} --devices {args.devices}"
         + (" --profile /tmp/ublk-profile" if args.profile else "")
+        + (f" --baseline {Path(args.baseline).resolve()}" if args.baseline else "")
     )
     harness = Harness.prepare()
     result = harness.run(command, timeout=args.timeout, memory_mb=2048, scratch_mb=1024)

@@ -43,7 +43,8 @@ from pathlib import Path
 
 from fio_report import measure, timed_jobs  # bench/ is sys.path[0] for a script here
 
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout's dedupblk
+# This checkout's dedupblk, or (BENCH_DEDUPBLK, for --baseline's store row) another checkout's.
+sys.path.insert(1, os.environ.get("BENCH_DEDUPBLK") or str(Path(__file__).resolve().parent.parent))
 from dedupblk.store import PAGE_SIZE, open_store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,7 +59,10 @@ RESULT_PREFIX = "RESULT "
 # on zram; ublk-minimal: bench/minimal_ublk.py; store, store-ram: the store alone, in this process
 # (`store_alone`), placed as ublk and ublk-ram are; zram: the kernel's zram.  In this order in
 # bench/ublk_bench.py's table.
-DEVICES = ("ublk", "ublk-ram", "ublk-zram", "ublk-minimal", "store", "store-ram", "zram")
+# With --baseline CHECKOUT, baseline and baseline-store are ublk and store served by that
+# checkout's code (its .venv): before and after a change, alternated in one guest.
+DEVICES = ("ublk", "baseline", "ublk-ram", "ublk-zram", "ublk-minimal", "store", "baseline-store",
+           "store-ram", "zram")  # fmt: skip
 RAMFS = Path("/run/dedupblk-bench")
 
 
@@ -85,17 +89,19 @@ class UblkServer:
         *,
         minimal: bool = False,
         in_ram: bool = False,
+        checkout: Path | None = None,
     ) -> None:
         self.store = bench_store_path(in_ram=in_ram)
+        python = str(checkout / ".venv" / "bin" / "python") if checkout else sys.executable
         if minimal:
             argv = [sys.executable, str(MINIMAL_SERVER), size]
         else:
             backend_args = ["--backend", backend, "--reuse-backend"] if backend else []
             if in_ram:
                 backend_args.append("--preallocate")
-            cli("create", str(self.store), "--size", size, *backend_args)
-            argv = [sys.executable, "-m", "dedupblk.cli", "serve", str(self.store),
-                    "--frontend", "ublk"]  # fmt: skip
+            run([python, "-m", "dedupblk.cli", "create", str(self.store), "--size", size,
+                 *backend_args])  # fmt: skip
+            argv = [python, "-m", "dedupblk.cli", "serve", str(self.store), "--frontend", "ublk"]
         self.log = WORK / "server.log"
         with self.log.open("w") as err:
             self.proc = subprocess.Popen(
@@ -175,11 +181,17 @@ def one_run(device: str, job: str, args: argparse.Namespace, round_: int) -> Non
         backend = backend_zram(parse_size(args.size))
         server = UblkServer(args.size, backend=backend, in_ram=device == "ublk-ram")
         dev = server.path
+    elif device == "baseline":
+        server = UblkServer(args.size, checkout=Path(args.baseline))
+        dev = server.path
     elif device == "ublk-minimal":
         server = UblkServer(args.size, minimal=True)
         dev = server.path
     elif device in ("store", "store-ram"):
         store_alone(job, args, round_, in_ram=device == "store-ram")
+        return
+    elif device == "baseline-store":
+        baseline_store_alone(job, args, round_)
         return
     else:
         dev = zram_reset(parse_size(args.size))
@@ -257,8 +269,12 @@ def store_alone(job: str, args: argparse.Namespace, round_: int, *, in_ram: bool
     unique = 0
     passes: list[float] = []
     spent = 0.0
-    with open_store(str(path), group_commit=None) as store:
-        each_pass = not store.commits_in_background
+    try:
+        opened = open_store(str(path), group_commit=None)
+    except TypeError:  # a --baseline checkout from before: its server commits every pass
+        opened = open_store(str(path), group_commit=False)
+    with opened as store:
+        each_pass = not getattr(store, "commits_in_background", False)
         while spent < args.runtime:
             offsets = []
             for buffer in buffers:
@@ -291,6 +307,22 @@ def store_alone(job: str, args: argparse.Namespace, round_: int, *, in_ram: bool
     emit(job, device, round_, (iops, iops * PAGE_SIZE / (1 << 20), p99), started)
 
 
+def baseline_store_alone(job: str, args: argparse.Namespace, round_: int) -> None:
+    """`store_alone` with the --baseline checkout's store: this script again, in its venv, with
+    its dedupblk first on sys.path; its one result is passed on as ``baseline-store``."""
+    checkout = Path(args.baseline)
+    out = run(
+        [str(checkout / ".venv" / "bin" / "python"), __file__, "--store-alone", job,
+         "--round", str(round_), "--size", args.size, "--runtime", str(args.runtime)],
+        env={**os.environ, "BENCH_DEDUPBLK": str(checkout)},
+    )  # fmt: skip
+    for line in out.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            record = json.loads(line.removeprefix(RESULT_PREFIX))
+            figures = (record["iops"], record["mib_s"], record["p99_us"])
+            emit(job, "baseline-store", round_, figures, time.monotonic())
+
+
 def profile_run(job: str, args: argparse.Namespace) -> None:
     directory = Path(args.profile)
     directory.mkdir(parents=True, exist_ok=True)
@@ -316,14 +348,22 @@ def main() -> None:
     parser.add_argument("--jobs", default="rand-write-dup50,rand-read,dedup-90")
     parser.add_argument("--devices", default="ublk,zram", help=f"of {', '.join(DEVICES)}")
     parser.add_argument("--profile", help="directory for a profiled extra ublk run's dumps")
+    parser.add_argument("--baseline", help="a checkout (with its .venv) for the baseline rows")
+    parser.add_argument("--store-alone", metavar="JOB", help=argparse.SUPPRESS)  # baseline-store
+    parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.runtime <= 0:
         parser.error("--runtime must be at least 1 second")
+    if args.store_alone:
+        store_alone(args.store_alone, args, args.round, in_ram=False)
+        return
     jobs = [j for j in args.jobs.split(",") if j]
     devices = [d for d in args.devices.split(",") if d]
     unknown = set(devices) - set(DEVICES)
     if unknown:
         parser.error(f"unknown devices {sorted(unknown)}")
+    if any(d.startswith("baseline") for d in devices) and not args.baseline:
+        parser.error("the baseline devices need --baseline CHECKOUT")
     print(f"guest kernel {os.uname().release}, {os.cpu_count()} CPUs", flush=True)
     for round_ in range(args.rounds):
         for job in jobs:
