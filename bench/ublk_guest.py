@@ -41,7 +41,10 @@ import sys
 import time
 from pathlib import Path
 
-from fio_report import measure, timed_jobs  # bench/ is sys.path[0] for a script here
+# fio's JSON through this checkout's dedupblk.fio_report (bench/ is sys.path[0] for a script
+# here); not in --store-alone, which may run an older checkout's dedupblk.
+if "--store-alone" not in sys.argv:
+    from fio_report import measure, timed_jobs
 
 # This checkout's dedupblk, or (BENCH_DEDUPBLK, for --baseline's store row) another checkout's.
 sys.path.insert(1, os.environ.get("BENCH_DEDUPBLK") or str(Path(__file__).resolve().parent.parent))
@@ -269,11 +272,9 @@ def store_alone(job: str, args: argparse.Namespace, round_: int, *, in_ram: bool
     unique = 0
     passes: list[float] = []
     spent = 0.0
-    try:
-        opened = open_store(str(path), group_commit=None)
-    except TypeError:  # a --baseline checkout from before: its server commits every pass
-        opened = open_store(str(path), group_commit=False)
-    with opened as store:
+    # An older --baseline checkout takes group_commit=None as False and has no
+    # commits_in_background: it commits every pass, as its server did.
+    with open_store(str(path), group_commit=None) as store:
         each_pass = not getattr(store, "commits_in_background", False)
         while spent < args.runtime:
             offsets = []
