@@ -81,8 +81,11 @@ def run(mutant: Mutant, python: str) -> Outcome:
                 text=True,
                 check=False,
             )
-            # The nbdkit plugin loads its packages from the tree's .venv: lend it this one's.
+            # The nbdkit plugin loads its packages from the tree's .venv: lend it this one's; and
+            # the VM tier its kernel and initramfs (.cache/vm), fetched once.
             (tree / ".venv").symlink_to(ROOT / ".venv")
+            if (ROOT / ".cache").is_dir():
+                (tree / ".cache").symlink_to(ROOT / ".cache")
             if applied.returncode:
                 return Outcome(mutant, False, "patch does not apply: " + applied.stderr.strip(),
                                time.monotonic() - start)  # fmt: skip

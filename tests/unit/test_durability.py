@@ -17,7 +17,7 @@ from typing import Any
 import lmdb
 import pytest
 
-from dedupblk.errors import BackendError, StoreFull, StoreLocked, SyncFailed
+from dedupblk.errors import BackendError, FormatError, StoreFull, StoreLocked, SyncFailed
 from dedupblk.store import backend as backend_module
 from dedupblk.store import create_store, open_store, read_statistics
 from dedupblk.store import meta as meta_module
@@ -406,6 +406,10 @@ def test_a_truncated_metadata_file_is_one_line_for_every_command(tmp_path: Path)
         assert code > 0, (command, code, err)  # < 0 would be a signal (SIGBUS)
         assert err.count("\n") == 1, (command, err)
         assert f"{path}: the metadata is truncated (" in err, (command, err)
+    # A writer (a server) is refused before LMDB would extend the file and hide the damage.
+    with pytest.raises(FormatError, match="the metadata is truncated"):
+        open_store(path)
+    assert os.path.getsize(data) == in_use // 2
 
 
 def test_a_reader_follows_a_writer_that_grows_the_map(
