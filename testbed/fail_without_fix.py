@@ -66,6 +66,15 @@ class Outcome:
     seconds: float
 
 
+def _own_venv(tree: Path) -> None:
+    """A venv in ``tree`` as `make venv` makes one (the tree's dedupblk installed editable)."""
+    venv = tree / ".venv"
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--system-site-packages", str(venv)],
+                   check=True)  # fmt: skip
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-e",
+                    f"{tree}[dev]"], check=True, capture_output=True)  # fmt: skip
+
+
 def run(mutant: Mutant, python: str) -> Outcome:
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as scratch:
@@ -81,16 +90,23 @@ def run(mutant: Mutant, python: str) -> Outcome:
                 text=True,
                 check=False,
             )
-            # The nbdkit plugin loads its packages from the tree's .venv: lend it this one's; and
-            # the VM tier its kernel and initramfs (.cache/vm), fetched once.
-            (tree / ".venv").symlink_to(ROOT / ".venv")
+            # The nbdkit plugin loads its packages from the tree's .venv: lend it this one's. A
+            # VM guest gets no PYTHONPATH, and this venv's dedupblk is this checkout's: a VM
+            # test needs a venv of the tree's own. The VM tier's kernel and initramfs
+            # (.cache/vm) are fetched once, here.
+            if any(test.startswith("tests/vm/") for test in mutant.tests):
+                _own_venv(tree)
+            else:
+                (tree / ".venv").symlink_to(ROOT / ".venv")
             if (ROOT / ".cache").is_dir():
                 (tree / ".cache").symlink_to(ROOT / ".cache")
             if applied.returncode:
                 return Outcome(mutant, False, "patch does not apply: " + applied.stderr.strip(),
                                time.monotonic() - start)  # fmt: skip
             env = dict(os.environ, PYTHONPATH=str(tree), COLUMNS="250")
-            pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+            own = tree / ".venv" / "bin" / "python"
+            pytest = [str(own) if not (tree / ".venv").is_symlink() else python, "-m", "pytest",
+                      "-q", "-p", "no:cacheprovider"]  # fmt: skip
             tests = subprocess.run(
                 [*pytest, f"--basetemp={scratch}/pytest", *mutant.tests],
                 cwd=tree,
