@@ -75,7 +75,7 @@ def _own_venv(tree: Path) -> None:
                     f"{tree}[dev]"], check=True, capture_output=True)  # fmt: skip
 
 
-def run(mutant: Mutant, python: str) -> Outcome:
+def run(mutant: Mutant) -> Outcome:
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as scratch:
         tree = Path(scratch) / "tree"
@@ -90,6 +90,9 @@ def run(mutant: Mutant, python: str) -> Outcome:
                 text=True,
                 check=False,
             )
+            if applied.returncode:
+                return Outcome(mutant, False, "patch does not apply: " + applied.stderr.strip(),
+                               time.monotonic() - start)  # fmt: skip
             # The nbdkit plugin loads its packages from the tree's .venv: lend it this one's. A
             # VM guest gets no PYTHONPATH, and this venv's dedupblk is this checkout's: a VM
             # test needs a venv of the tree's own. The VM tier's kernel and initramfs
@@ -100,22 +103,18 @@ def run(mutant: Mutant, python: str) -> Outcome:
                 (tree / ".venv").symlink_to(ROOT / ".venv")
             if (ROOT / ".cache").is_dir():
                 (tree / ".cache").symlink_to(ROOT / ".cache")
-            if applied.returncode:
-                return Outcome(mutant, False, "patch does not apply: " + applied.stderr.strip(),
-                               time.monotonic() - start)  # fmt: skip
             env = dict(os.environ, PYTHONPATH=str(tree), COLUMNS="250")
-            own = tree / ".venv" / "bin" / "python"
-            pytest = [str(own) if not (tree / ".venv").is_symlink() else python, "-m", "pytest",
-                      "-q", "-p", "no:cacheprovider"]  # fmt: skip
-            tests = subprocess.run(
-                [*pytest, f"--basetemp={scratch}/pytest", *mutant.tests],
-                cwd=tree,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=_TIMEOUT,
-                check=False,
-            )
+            python = str(tree / ".venv" / "bin" / "python")
+            try:
+                tests = subprocess.run(
+                    [python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                     f"--basetemp={scratch}/pytest", *mutant.tests],
+                    cwd=tree, env=env, capture_output=True, text=True, timeout=_TIMEOUT,
+                    check=False,
+                )  # fmt: skip
+            except subprocess.TimeoutExpired:
+                return Outcome(mutant, False, f"the tests ran over {_TIMEOUT:.0f} s",
+                               time.monotonic() - start)  # fmt: skip
         finally:
             subprocess.run(
                 ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False
@@ -148,10 +147,9 @@ def main() -> int:
             print(f"no such mutant: {', '.join(sorted(missing))}", file=sys.stderr)
             return 2
     mutants = [Mutant.read(p) for p in patches]
-    python = str(ROOT / ".venv" / "bin" / "python")
     outcomes = []
     for mutant in mutants:
-        outcome = run(mutant, python)
+        outcome = run(mutant)
         outcomes.append(outcome)
         verdict = "caught" if outcome.caught else "NOT CAUGHT"
         print(f"{verdict:10} {mutant.name:40} {outcome.seconds:5.0f}s  {outcome.detail}",

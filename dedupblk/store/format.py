@@ -24,11 +24,11 @@ u32) so that a store refuses a backend that belongs to another store. Data slots
 slot_capacity - 1`` (``slot_capacity`` is at most `MAX_SLOTS`, so that a slot number fits a map
 entry). A freed slot is released (see "Write order") and then punched (``fallocate(PUNCH_HOLE)``
 on a file, ``BLKDISCARD`` on a block device: zram frees its memory): in a volatile store at once;
-in a durable one at the next flush (or when `store.UNPUNCHED_LIMIT` wait), unless a write takes the
-slot first (allocation prefers such slots: a slot written again needs no punch). Nothing is
-punched in a file whose header has `BACKEND_PREALLOCATED`: such a file was written in full with
-zeros at create, so that writing a slot never allocates file blocks. A file with that flag, and
-every block device backend, is read and written with ``O_DIRECT``.
+in a durable one at the next flush (or once more than `store.UNPUNCHED_LIMIT` wait), unless a
+write takes the slot first (allocation prefers such slots: a slot written again needs no punch).
+Nothing is punched in a file whose header has `BACKEND_PREALLOCATED`: such a file was written in
+full with zeros at create, so that writing a slot never allocates file blocks. A file with that
+flag, and every block device backend, is read and written with ``O_DIRECT``.
 
 LMDB sub-databases (integer keys big-endian, so that key order is numeric order; values
 little-endian)

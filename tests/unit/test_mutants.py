@@ -5,6 +5,7 @@ fails without its fix. Running them all takes minutes; that is the runner's job,
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -19,8 +20,8 @@ def test_there_are_mutants() -> None:
 
 
 @pytest.mark.parametrize("patch", PATCHES, ids=[p.stem for p in PATCHES])
-def test_the_mutant_applies_and_names_existing_tests(patch: object) -> None:
-    mutant = Mutant.read(patch)  # type: ignore[arg-type]
+def test_the_mutant_applies_and_names_existing_tests(patch: Path) -> None:
+    mutant = Mutant.read(patch)
     applied = subprocess.run(["git", "-C", str(REPO), "apply", "--check", str(mutant.patch)],
                              capture_output=True, text=True, check=False)  # fmt: skip
     assert applied.returncode == 0, applied.stderr
