@@ -12,6 +12,7 @@ and is never throttled as a dirtier. Its writes are on the device when they retu
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import fcntl
@@ -21,7 +22,7 @@ import os
 import stat
 import struct
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from ..errors import BackendError, BackendMismatch, StoreFull, SyncFailed
 from ..libc import function
@@ -69,14 +70,23 @@ def device_size(fd: int) -> int:
 
 
 def runs(slots: Iterable[int]) -> list[tuple[int, int]]:
-    """Sorted slot numbers folded into (first, count) runs of consecutive slots."""
-    out: list[tuple[int, int]] = []
-    for slot in sorted(slots):
-        if out and out[-1][0] + out[-1][1] == slot:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((slot, 1))
-    return out
+    """Slot numbers folded into (first, count) runs of consecutive slots, in order."""
+    ordered = sorted(set(slots))
+    return [(ordered[i], j - i) for i, j in _run_bounds(ordered)]
+
+
+def _run_bounds(ordered: list[int], most: int = 0) -> Iterator[tuple[int, int]]:
+    """(i, j) for each run ``ordered[i:j]`` of consecutive numbers in ``ordered`` (sorted, no
+    two the same), each at most ``most`` long (0: any): ``slot - n`` is the same within a run
+    and grows from one run to the next, so a bisection finds where each ends."""
+    offsets = [slot - n for n, slot in enumerate(ordered)]
+    i, count = 0, len(ordered)
+    while i < count:
+        j = bisect.bisect_right(offsets, offsets[i], i)
+        if most and j - i > most:
+            j = i + most
+        yield i, j
+        i = j
 
 
 class Backend:
@@ -225,19 +235,14 @@ class Backend:
         once (``sync_file_range``): the sync that must come before the commit then finds it
         done or under way."""
         ordered = sorted(items)
-        most = BLOCK_DIO_MAX_PAGES if self.is_block else IOV_MAX
-        i = 0
-        while i < len(ordered):
-            first = ordered[i][0]
-            j = i + 1
-            while j < len(ordered) and ordered[j][0] == first + (j - i) and j - i < most:
-                j += 1
+        slots = [slot for slot, _ in ordered]
+        for i, j in _run_bounds(slots, BLOCK_DIO_MAX_PAGES if self.is_block else IOV_MAX):
+            first = slots[i]
             self._write_run([data for _, data in ordered[i:j]], first)
             if start_writeback and self._bounce_view is None:
                 _sync_file_range(
                     self.fd, first * PAGE_SIZE, (j - i) * PAGE_SIZE, SYNC_FILE_RANGE_WRITE
                 )  # a hint: its failure leaves the sync to do all the work
-            i = j
 
     def _write_run(self, pages: list[bytes], first: int) -> None:
         """Write consecutive slots; a short write (a filesystem filling up) is continued, so that

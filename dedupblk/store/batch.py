@@ -15,6 +15,7 @@ kept here and applied by the store after the commit succeeded, so a transaction 
 
 from __future__ import annotations
 
+import re
 import struct
 from array import array
 from typing import Any
@@ -53,6 +54,7 @@ _pack_u32be = U32BE.pack
 _EMPTY_MAP_CHUNK = bytes(MAP_CHUNK_PAGES * 4)
 _EMPTY_REF_CHUNK = bytes(REF_CHUNK_SLOTS)
 _EMPTY_FP_CHUNK = bytes(FP_CHUNK_SLOTS * 4)
+_NONZERO = re.compile(b"[^\x00]")
 
 
 class WriteFailed(Exception):
@@ -156,9 +158,11 @@ class Batch:
         self.applied = 0  # pages applied (a batch without new data leaves some out)
         self.new_slots = 0  # slots allocated; in `state` at the end of `apply`
         self.new_entries = 0  # index entries added by `_place` itself, likewise
-        # Where `_allocate` found its last slot: the next is looked for after it first.
-        self._next_refs: bytearray | None = None
-        self._next_base = self._next_at = 0
+        # The run `_allocate` takes slots from: ``[_run_next, _run_end)`` of refs chunk
+        # ``_run_chunk`` (-1: none), opened at ``_run_start``.
+        self._run_chunk = -1
+        self._run_start = self._run_next = self._run_end = 0
+        self._unreleased = counts.unreleased
         self._unpunched: list[int] | None = None  # `counts.unpunched`, descending, when needed
 
     # -- records, read once into private copies ------------------------------------------------
@@ -195,56 +199,124 @@ class Batch:
 
     def apply(self, batch: dict[int, Pending]) -> State:
         """Apply every pending page, write new slot data and put every changed record; the
-        caller syncs the data (a durable store) and then commits."""
+        caller syncs the data (a durable store) and then commits.
+
+        This loop runs for every page written, so the common cases of `_place` are inline: a
+        duplicate of bytes this batch placed already, and a page whose bytes the index has no
+        entry for (no tag of its bucket matches), which gets a new slot here. Everything else
+        goes through `_place`.
+        """
         state = self.state
         map_chunks, dirty_map = self.map_chunks, self.dirty_map
         fill_words, fill_deletes, decrements = self.fill_words, self.fill_deletes, self.decrements
-        place = self._place
-        chunk_no, chunk, first = -1, bytearray(), -MAP_CHUNK_PAGES
+        place, allocate, fingerprint = self._place, self._allocate, self.fingerprint
+        buckets, targets, new_data = self.buckets, self.targets, self.new_data
+        cache, max_share = self.cache, self.max_share
+        ref_chunks, fp_chunks = self.ref_chunks, self.fp_chunks
+        dirty_refs, dirty_fps, dirty_buckets = self.dirty_refs, self.dirty_fps, self.dirty_buckets
+        get, index_db, shift = self.get, self.meta.index, self.shift
+        unpack_u32, pack_u32, unpack_u32be, pack_slot = (
+            _unpack_u32,
+            _pack_u32,
+            _unpack_u32be,
+            _U32.pack,
+        )
+        data_kind, zero_kind = DATA, ZERO
+        inline = self.may_allocate and not self.cap  # else every new page needs `_place`
+        chunk_no, chunk, first, end = -1, bytearray(), 0, 0
         mapped = fills = lost = 0  # changes to the state's counters
-        for page in sorted(batch):  # in order: consecutive pages share a map chunk
-            kind, word, content = batch[page]
-            if page - first >= MAP_CHUNK_PAGES or page < first:
+        applied = placed = 0  # pages applied; new slots (and index entries) made inline
+        for page, (kind, word, content) in sorted(batch.items()):  # consecutive pages share a
+            if page >= end:  # map chunk (and the pages are unique: no entries are compared)
                 chunk_no = page // MAP_CHUNK_PAGES
                 first = chunk_no * MAP_CHUNK_PAGES
+                end = first + MAP_CHUNK_PAGES
                 chunk = map_chunks.get(chunk_no) or self._map_chunk(chunk_no)
             at = (page - first) * 4
-            old: int = _unpack_u32(chunk, at)[0]
-            if kind == DATA:
+            old: int = unpack_u32(chunk, at)[0]
+            if kind == data_kind:
                 assert content is not None
-                try:
-                    new = place(content, old)
-                except _NeedsSlot:
-                    continue  # dropped: the page keeps its committed content
-            elif kind == ZERO:
+                fp = fingerprint(content)
+                head: int = unpack_u32be(fp)[0]
+                bucket_no = head >> shift
+                bucket = buckets.get(bucket_no)
+                if bucket is None:
+                    raw = get(_pack_u32be(bucket_no), db=index_db)
+                    bucket = buckets[bucket_no] = bytearray(raw) if raw is not None else bytearray()
+                tag = fp[4:6]
+                known = targets.get(fp)
+                n2 = len(bucket) // 3  # bytes of the tag region: 2 of every 6
+                if known is not None:  # `_place`'s first test
+                    new = -1
+                    if (new_data.get(known) or cache.get(known)) == content:
+                        if known == old:
+                            new = old
+                        else:
+                            refs = ref_chunks[known // REF_CHUNK_SLOTS]
+                            i = known % REF_CHUNK_SLOTS
+                            if refs[i] < max_share:
+                                refs[i] += 1  # its chunk is dirty since it was placed
+                                new = known
+                    if new < 0:
+                        try:
+                            new = place(content, old, fp, head, bucket_no, bucket, tag)
+                        except _NeedsSlot:
+                            continue  # dropped: the page keeps its committed content
+                elif inline and (not n2 or bucket.find(tag, 0, n2) == -1):
+                    new = allocate()  # `_place`'s last case
+                    new_data[new] = content
+                    cno = new // REF_CHUNK_SLOTS
+                    (ref_chunks.get(cno) or self._ref_chunk(cno))[new - cno * REF_CHUNK_SLOTS] = 1
+                    dirty_refs.add(cno)
+                    fno = new // FP_CHUNK_SLOTS
+                    fps = fp_chunks.get(fno) or self._fp_chunk(fno)
+                    pack_u32(fps, (new - fno * FP_CHUNK_SLOTS) * 4, head)
+                    dirty_fps.add(fno)
+                    bucket[n2:n2] = tag
+                    bucket += pack_slot(new)
+                    dirty_buckets.add(bucket_no)
+                    targets[fp] = new
+                    placed += 1
+                else:
+                    try:
+                        new = place(content, old, fp, head, bucket_no, bucket, tag)
+                    except _NeedsSlot:
+                        continue  # dropped: the page keeps its committed content
+            elif kind == zero_kind:
                 new = 0
             else:
                 new = FILL_ENTRY
                 fill_words[page] = word
                 fill_deletes.discard(page)
-            self.applied += 1
+            applied += 1
             if new == old:
                 continue  # the same slot again, or a fill whose word was just replaced
-            _pack_u32(chunk, at, new)
+            pack_u32(chunk, at, new)
             dirty_map.add(chunk_no)
-            if old == FILL_ENTRY:
-                fills -= 1
-                fill_words.pop(page, None)
-                fill_deletes.add(page)
-            elif old == LOST_ENTRY:
-                lost -= 1
-            elif old:
-                mapped -= 1
-                decrements[old] = decrements.get(old, 0) + 1
-            if new == FILL_ENTRY:
-                fills += 1
-            elif new:
-                mapped += 1
+            if old:
+                if old < LOST_ENTRY:
+                    mapped -= 1
+                    decrements[old] = decrements.get(old, 0) + 1
+                elif old == FILL_ENTRY:
+                    fills -= 1
+                    fill_words.pop(page, None)
+                    fill_deletes.add(page)
+                else:
+                    lost -= 1
+            if new:
+                if new < LOST_ENTRY:
+                    mapped += 1
+                else:
+                    fills += 1
+        self.applied += applied
+        self.new_slots += placed
+        self.new_entries += placed
         state.mapped_pages += mapped
         state.same_filled_pages += fills
         state.lost_pages += lost
         state.stored_slots += self.new_slots
         state.index_entries += self.new_entries
+        self._end_run()
         self._drop_references()
         if self.new_data:
             try:
@@ -256,10 +328,14 @@ class Batch:
         self._put_records()
         return state
 
-    def _place(self, content: bytes, old: int) -> int:
-        """The slot for a DATA page: a verified duplicate with room for one more reference, or a
-        newly allocated slot that becomes the dedup target for these bytes."""
-        fp = self.fingerprint(content)
+    def _place(
+        self, content: bytes, old: int, fp: bytes, head: int, bucket_no: int, bucket: bytearray,
+        tag: bytes,
+    ) -> int:  # fmt: skip
+        """The slot for a DATA page (fingerprint ``fp``, whose first word ``head`` names bucket
+        ``bucket_no``, read into ``bucket``; ``tag`` its tag): a verified duplicate with room for
+        one more reference, or a newly allocated slot that becomes the dedup target for these
+        bytes."""
         known = self.targets.get(fp)  # this batch placed these bytes already
         if known is not None and self._verified(known, content):
             if known == old:
@@ -268,13 +344,6 @@ class Batch:
             if refs[known % REF_CHUNK_SLOTS] < self.max_share:
                 refs[known % REF_CHUNK_SLOTS] += 1  # its chunk is dirty since it was placed
                 return known
-        head: int = _unpack_u32be(fp)[0]
-        bucket_no = head >> self.shift
-        tag = fp[4:6]
-        bucket = self.buckets.get(bucket_no)
-        if bucket is None:
-            raw = self.get(_pack_u32be(bucket_no), db=self.meta.index)
-            bucket = self.buckets[bucket_no] = bytearray(raw) if raw is not None else bytearray()
         full_slot = 0
         if bucket:
             tags = len(bucket) // 3  # bytes of the tag region: 2 of every 6
@@ -361,14 +430,20 @@ class Batch:
 
     def _unindex(self, bucket_no: int, slot: int) -> None:
         """Remove ``slot``'s entry from its bucket, if it has one."""
-        bucket = self._bucket(bucket_no)
-        n = len(bucket) // 6
+        bucket = self.buckets.get(bucket_no)
+        if bucket is None:
+            bucket = self._bucket(bucket_no)
+        n2 = len(bucket) // 3  # where the slots start: after n tags of 2 bytes
         key = _U32.pack(slot)
-        at = bucket.find(key, n * 2)
-        while at != -1 and (at - n * 2) % 4:
+        at = bucket.find(key, n2)
+        while at != -1 and (at - n2) & 3:
             at = bucket.find(key, at + 1)
         if at != -1:
-            self._remove_entry(bucket_no, n, (at - n * 2) // 4)
+            del bucket[at : at + 4]
+            i = (at - n2) >> 1  # its tag's offset
+            del bucket[i : i + 2]
+            self.dirty_buckets.add(bucket_no)
+            self.state.index_entries -= 1
 
     def _remove_entry(self, bucket_no: int, n: int, i: int) -> None:
         bucket = self._bucket(bucket_no)
@@ -381,23 +456,33 @@ class Batch:
         """A free, released slot (see the format's write order): the next one after the last
         taken (wrapping around), so that a batch's new slots lie together and its fingerprint
         words and refcounts are few records to rewrite; but first a released slot that was not
-        punched yet, lowest first. `StoreFull` when there is none."""
+        punched yet, lowest first. `StoreFull` when there is none.
+
+        Slots are taken from a *run*, slots of one refs chunk that `_search` found with
+        refcount 0 (within the capacity): taking the next is a comparison, and what a run took
+        is counted when it ends (`_end_run`)."""
+        slot = self._run_next
+        if slot < self._run_end and slot not in self._unreleased:
+            self._run_next = slot + 1
+            return slot
+        self._end_run()
         if self.counts.unpunched:
             slot = self._take_unpunched()
             if slot:
                 return slot
-        refs = self._next_refs
-        if refs is not None:  # the chunk the last slot came from: the next free one in it
-            at = refs.find(0, self._next_at)
-            if at != -1:
-                slot = self._next_base + at
-                if slot < self.counts.capacity and slot not in self.counts.unreleased:
-                    chunk_no = self._next_base // REF_CHUNK_SLOTS
-                    self.allocated_by_chunk[chunk_no] = self.allocated_by_chunk.get(chunk_no, 0) + 1
-                    self._next_at = at + 1
-                    self.rover = slot + 1 if slot + 1 < self.counts.capacity else FIRST_DATA_SLOT
-                    return slot
         return self._search()
+
+    def _end_run(self) -> None:
+        """Count what the run took (in `allocated_by_chunk`, and the rover after it); no run is
+        open afterwards."""
+        if self._run_chunk >= 0:
+            taken = self._run_next - self._run_start
+            chunk_no = self._run_chunk
+            self.allocated_by_chunk[chunk_no] = self.allocated_by_chunk.get(chunk_no, 0) + taken
+            slot = self._run_next
+            self.rover = slot if slot < self.counts.capacity else FIRST_DATA_SLOT
+            self._run_chunk = -1
+        self._run_next = self._run_end = 0
 
     def _take_unpunched(self) -> int:
         """A slot of `SlotCounts.unpunched` that this batch has not taken; 0 when none is left."""
@@ -430,9 +515,10 @@ class Batch:
                 if slot >= counts.capacity:
                     break
                 if slot >= FIRST_DATA_SLOT and slot not in counts.unreleased:
-                    taken[chunk_no] = taken.get(chunk_no, 0) + 1
-                    self.rover = slot + 1 if slot + 1 < counts.capacity else FIRST_DATA_SLOT
-                    self._next_refs, self._next_base, self._next_at = refs, base, at + 1
+                    zeros = _NONZERO.search(refs, at + 1)  # the run: the zeros from ``at`` on
+                    end = base + (zeros.start() if zeros is not None else REF_CHUNK_SLOTS)
+                    self._run_chunk, self._run_start, self._run_next = chunk_no, slot, slot + 1
+                    self._run_end = min(end, counts.capacity)
                     return slot
                 at = refs.find(0, at + 1)
         raise StoreFull(f"no free slot in backend {self.backend.path}")
@@ -440,23 +526,35 @@ class Batch:
     def _drop_references(self) -> None:
         """Apply the decrements; a slot whose last reference went dies here: its index entry
         goes with it, in the same transaction."""
+        ref_chunks, fp_chunks, dirty_refs, dead = (
+            self.ref_chunks,
+            self.fp_chunks,
+            self.dirty_refs,
+            [],
+        )
         for slot, drop in self.decrements.items():
-            refs = self._ref_chunk(slot // REF_CHUNK_SLOTS)
-            i = slot % REF_CHUNK_SLOTS
-            if refs[i] < drop:
+            cno = slot // REF_CHUNK_SLOTS
+            refs = ref_chunks.get(cno) or self._ref_chunk(cno)
+            i = slot - cno * REF_CHUNK_SLOTS
+            left = refs[i] - drop
+            if left < 0:
                 raise FormatError(
                     f"slot {slot} has refcount {refs[i]} but {drop} more mappings leave it: the "
                     "metadata is damaged; see `dedupblk check`"
                 )
-            refs[i] -= drop
-            self.dirty_refs.add(slot // REF_CHUNK_SLOTS)
-            if refs[i]:
-                continue
-            self.dead.append(slot)
-            self.state.stored_slots -= 1
-            fps = self._fp_chunk(slot // FP_CHUNK_SLOTS)
-            head: int = _unpack_u32(fps, (slot % FP_CHUNK_SLOTS) * 4)[0]
-            self._unindex(head >> self.shift, slot)
+            refs[i] = left
+            dirty_refs.add(cno)
+            if not left:
+                dead.append(slot)
+        if not dead:
+            return
+        self.dead.extend(dead)
+        self.state.stored_slots -= len(dead)
+        shift, unindex = self.shift, self._unindex
+        for slot in dead:
+            fno = slot // FP_CHUNK_SLOTS
+            fps = fp_chunks.get(fno) or self._fp_chunk(fno)
+            unindex(_unpack_u32(fps, (slot - fno * FP_CHUNK_SLOTS) * 4)[0] >> shift, slot)
 
     def _put_records(self) -> None:
         txn, meta = self.txn, self.meta

@@ -71,14 +71,19 @@ class damaged_metadata:  # noqa: N801  (used as a function: ``with damaged_metad
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any
     ) -> None:
-        if exc is None:
-            return
-        if isinstance(exc, (lmdb.Error, struct.error, UnicodeDecodeError)) and not isinstance(
-            exc, lmdb.MapFullError
-        ):
-            raise FormatError(
-                f"{self.where}: the metadata is damaged ({exc}); see `dedupblk check`"
-            ) from exc
+        if isinstance(exc, METADATA_ERRORS) and not isinstance(exc, lmdb.MapFullError):
+            raise damaged(self.where, exc) from exc
+
+
+# What LMDB or a record decoder raises on damaged metadata (`lmdb.MapFullError` aside: a full
+# map is no damage). A hot path catches these itself and raises `damaged` (a ``try`` costs
+# nothing until it catches; a ``with`` costs a call on the way in and one on the way out).
+METADATA_ERRORS = (lmdb.Error, struct.error, UnicodeDecodeError)
+
+
+def damaged(where: str, exc: BaseException) -> FormatError:
+    """The one `FormatError` for damaged metadata, as `damaged_metadata` raises it."""
+    return FormatError(f"{where}: the metadata is damaged ({exc}); see `dedupblk check`")
 
 
 def read_format(env: Any, info: Any, where: str) -> int:

@@ -30,6 +30,7 @@ took (a frontend's latency histograms, `dedupblk.metrics`); the store knows noth
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import struct
@@ -38,6 +39,8 @@ import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, Protocol
+
+import lmdb
 
 from ..errors import (
     BackendError,
@@ -55,7 +58,16 @@ from ..fsinfo import in_memory
 from .backend import Backend
 from .batch import ZERO_PENDING, Batch, Pending, SlotCounts, WriteFailed
 from .check import CheckResult, Progress, damaged_structure, run_checks
-from .fingerprint import DATA, FILL, ZERO, ZERO_PAGE, FingerprintFn, classify, fill_page, xxh3_128
+from .fingerprint import (
+    DATA,
+    FILL,
+    WORDS_PER_PAGE,
+    ZERO,
+    ZERO_PAGE,
+    FingerprintFn,
+    fill_page,
+    xxh3_128,
+)
 from .format import (
     DATA_FILE,
     FILL_ENTRY,
@@ -74,7 +86,7 @@ from .format import (
     map_key,
 )
 from .lock import StoreLock
-from .meta import Meta, damaged_metadata, refuse_truncated
+from .meta import METADATA_ERRORS, Meta, damaged, damaged_metadata, refuse_truncated
 from .stats import Statistics, statistics_of
 
 log = logging.getLogger(__name__)
@@ -376,17 +388,22 @@ class Store:
         """The device's bytes ``[offset, offset + length)``; unwritten bytes read as zeros.
         `DataLost` (EIO) if a page in the range was found damaged by ``check --repair``."""
         with self._lock:
-            self._check_range(offset, length)
-            if length == 0:
-                return b""
+            if offset < 0 or length <= 0 or offset + length > self.size or self._closed:
+                self._check_range(offset, length)
+                if length == 0:
+                    return b""
             first = offset >> PAGE_SHIFT
             last = (offset + length - 1) >> PAGE_SHIFT
-            with damaged_metadata(self.path):
+            try:
                 if first == last:
                     data = self._page(first, None)
                 else:
                     chunk: list[Any] = [None, -1]  # a map chunk the pages share, and its number
                     data = b"".join([self._page(page, chunk) for page in range(first, last + 1)])
+            except METADATA_ERRORS as exc:  # `damaged_metadata`, without its calls
+                if isinstance(exc, lmdb.MapFullError):
+                    raise
+                raise damaged(self.path, exc) from exc
             start = offset - (first << PAGE_SHIFT)
             if start == 0 and length == len(data):
                 return data
@@ -466,15 +483,17 @@ class Store:
             while pos < length:
                 in_page = (offset + pos) & (PAGE_SIZE - 1)
                 take = min(PAGE_SIZE - in_page, length - pos)
-                if take == PAGE_SIZE:
-                    content = bytes(view[pos : pos + PAGE_SIZE])
-                else:
+                if take < PAGE_SIZE:
                     with damaged_metadata(self.path):
                         old = self._page(page, None)
                     content = old[:in_page] + bytes(view[pos : pos + take]) + old[in_page + take :]
-                self._accept(page, content)
+                    self._accept(page, content)
+                    page += 1
+                else:
+                    take = (length - pos) & ~(PAGE_SIZE - 1)
+                    self._accept_pages(page, view, pos, take >> PAGE_SHIFT)
+                    page += take >> PAGE_SHIFT
                 pos += take
-                page += 1
             if fua:
                 self._flush_locked()
 
@@ -580,24 +599,52 @@ class Store:
 
     def _accept(self, page: int, content: bytes) -> None:
         """Classify a full page and put it in the pending batch, committing first when the batch is
-        full or could need more slots than are free."""
-        kind, word = classify(content)
-        if kind == DATA:
-            entry: Pending = (DATA, 0, content)
-        elif kind == ZERO:
-            entry = ZERO_PENDING
+        full or could need more slots than are free. (`classify`, inline: this runs for every
+        page written.)"""
+        if content == ZERO_PAGE:
+            entry, data = ZERO_PENDING, 0
         else:
-            entry = (FILL, word, None)
-        previous = self._pending.get(page)
-        replaces_data = previous is not None and previous[0] == DATA
-        while (
-            kind == DATA
-            and not replaces_data
-            and self._pending_data + self._inflight_data >= self._counts.total
-        ):
+            head = content[:8]
+            if content[-8:] == head and content == head * WORDS_PER_PAGE:
+                entry, data = (FILL, int.from_bytes(head, "little"), None), 0
+            else:
+                entry, data = (DATA, 0, content), 1
+        pending = self._pending
+        previous = pending.get(page)
+        if previous is not None and previous[0] == DATA:
+            data -= 1  # it takes the place of a page that may need a slot
+        elif data and self._pending_data + self._inflight_data >= self._counts.total:
+            if not self._make_room_for(page, entry):
+                return
+            pending = self._pending
+            previous = pending.get(page)
+            if previous is not None and previous[0] == DATA:
+                data -= 1
+        if not pending:
+            self._pending_since = time.monotonic()
+        if self._committer_idle and self._group_commit:  # else it has a deadline already
+            self._start_committer()
+            self._wake.notify()
+        pending[page] = entry
+        self._pending_data += data
+        if len(pending) >= GROUP_PAGES:
+            self._buffer_full()
+
+    def _buffer_full(self) -> None:
+        """The pending buffer holds `GROUP_PAGES`: hand it over (one full buffer waits for the
+        committer), or commit it."""
+        if self._pipelined():
+            self._wait_for_committer(lambda: not self._sealed)
+            self._seal()
+        else:
+            self._commit_locked()
+
+    def _make_room_for(self, page: int, entry: Pending) -> bool:
+        """Commit until there is room for one more DATA page (True), or, when no slot is known
+        free, commit the page alone (False): it can only land if it dedups."""
+        while True:
             self._make_room()  # other writers may fill the room while it waits: look again
             if self._counts.total == 0:
-                # No slot is known free: this page can only land if it dedups. Try it alone.
                 self._pending[page] = entry
                 self._pending_data += 1
                 try:
@@ -608,22 +655,52 @@ class Store:
                 error, self._write_error = self._write_error, None
                 if error is not None:
                     raise error
-                return
+                return False
             previous = self._pending.get(page)
-            replaces_data = previous is not None and previous[0] == DATA
-        if not self._pending:
-            self._pending_since = time.monotonic()
-        if self._committer_idle and self._group_commit:  # else it has a deadline already
-            self._start_committer()
-            self._wake.notify()
-        self._pending[page] = entry
-        self._pending_data += (kind == DATA) - replaces_data
-        if len(self._pending) >= GROUP_PAGES:
-            if self._pipelined():
-                self._wait_for_committer(lambda: not self._sealed)  # one full buffer waits
-                self._seal()
-            else:
-                self._commit_locked()
+            if (previous is not None and previous[0] == DATA) or (
+                self._pending_data + self._inflight_data < self._counts.total
+            ):
+                return True
+
+    def _accept_pages(self, page: int, data: bytes | memoryview, pos: int, count: int) -> None:
+        """`_accept` the ``count`` whole pages of ``data`` from byte ``pos`` on, as pages
+        ``page`` and on. What `_accept` checks for each page is checked once for as many pages
+        as fit (the buffer's bound, a free slot for each): a large write is this loop."""
+        done = 0
+        while done < count:
+            pending = self._pending
+            run = min(count - done, GROUP_PAGES - len(pending))
+            if run <= 0 or self._pending_data + self._inflight_data + run > self._counts.total:
+                at = pos + (done << PAGE_SHIFT)
+                self._accept(page + done, bytes(data[at : at + PAGE_SIZE]))  # room, one by one
+                done += 1
+                continue
+            if not pending:
+                self._pending_since = time.monotonic()
+            if self._committer_idle and self._group_commit:
+                self._start_committer()
+                self._wake.notify()
+            added = 0
+            at = pos + (done << PAGE_SHIFT)
+            for n in range(page + done, page + done + run):
+                content = bytes(data[at : at + PAGE_SIZE])
+                at += PAGE_SIZE
+                previous = pending.get(n)
+                if previous is not None and previous[0] == DATA:
+                    added -= 1
+                if content == ZERO_PAGE:
+                    pending[n] = ZERO_PENDING
+                    continue
+                head = content[:8]
+                if content[-8:] == head and content == head * WORDS_PER_PAGE:
+                    pending[n] = (FILL, int.from_bytes(head, "little"), None)  # as `classify`
+                else:
+                    pending[n] = (DATA, 0, content)
+                    added += 1
+            self._pending_data += added
+            done += run
+            if len(pending) >= GROUP_PAGES:
+                self._buffer_full()
 
     def _make_room(self) -> None:
         self._commit_locked()
@@ -888,7 +965,7 @@ class Store:
             cache.pop(slot, None)
         excess = len(cache) - self._slot_cache_pages
         if excess > 0:
-            for slot in list(_first(cache, excess)):
+            for slot in list(itertools.islice(cache, excess)):
                 del cache[slot]
 
     def _flush_locked(self) -> None:
@@ -973,13 +1050,6 @@ class _Unrepairable(Exception):
     def __init__(self, result: CheckResult) -> None:
         super().__init__("the metadata file itself is damaged")
         self.result = result
-
-
-def _first(mapping: dict[int, bytes], count: int) -> Iterator[int]:
-    for n, key in enumerate(mapping):
-        if n >= count:
-            return
-        yield key
 
 
 def check_store(

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from dedupblk.cli import main
-from dedupblk.errors import DataLost
+from dedupblk.errors import DataLost, FormatError
 from dedupblk.store import check_store, create_store, open_store
 from dedupblk.store.format import (
     CONFIG,
@@ -254,9 +254,8 @@ def _repaired_clean(path: str) -> list[tuple[int, int]]:
     return lost
 
 
-def test_repair_keeps_what_a_short_map_chunk_still_holds(tmp_path: Path) -> None:
-    """A map record that lost its last entry: the pages it still names keep their data, and
-    the one it lost reads as EIO (what it held cannot be known)."""
+def _with_a_short_map_chunk(tmp_path: Path) -> tuple[str, list[bytes]]:
+    """A store of 10 pages whose map record lost its last entry, and the pages."""
     path = str(tmp_path / "store")
     create_store(path, 4 << 20)
     pages = [rand_page(n) for n in range(10)]
@@ -267,12 +266,38 @@ def test_repair_keeps_what_a_short_map_chunk_still_holds(tmp_path: Path) -> None
         txn.put(map_key(0), txn.get(map_key(0), db=dbs[b"map"])[:-4], db=dbs[b"map"])
 
     _edit(path, body)
+    return path, pages
+
+
+def test_repair_keeps_what_a_short_map_chunk_still_holds(tmp_path: Path) -> None:
+    """A map record that lost its last entry: the pages it still names keep their data, and
+    the one it lost reads as EIO (what it held cannot be known)."""
+    path, pages = _with_a_short_map_chunk(tmp_path)
     last = MAP_CHUNK_PAGES - 1
     assert _repaired_clean(path) == [(last * P, P)]
     with open_store(path, readonly=True) as store:
         assert [store.read(n * P, P) for n in range(10)] == pages
         with pytest.raises(DataLost):
             store.read(last * P, P)
+
+
+def test_a_read_a_short_map_chunk_cannot_answer_is_one_line_naming_the_damage(
+    tmp_path: Path,
+) -> None:
+    """Before any repair: reading a page past the end of a short map record is one
+    `FormatError` (one page or several), and ``dump`` says so in one line."""
+    path, pages = _with_a_short_map_chunk(tmp_path)
+    last = MAP_CHUNK_PAGES - 1
+    with open_store(path, readonly=True) as store:
+        assert store.read(0, 10 * P) == b"".join(pages)
+        for offset, length in ((last * P, P), ((last - 1) * P, 2 * P)):
+            with pytest.raises(FormatError, match="the metadata is damaged"):
+                store.read(offset, length)
+    done = subprocess.run([sys.executable, "-m", "dedupblk.cli", "dump", path, str(last * P),
+                           str(P)], cwd=REPO, capture_output=True, check=False)  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == FormatError.exit_code
+    assert "metadata is damaged" in err and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_repair_deletes_a_record_of_another_volume_and_keeps_the_page(tmp_path: Path) -> None:
