@@ -23,6 +23,7 @@ from dedupblk.store import (
     NotAStore,
     ReadOnlyStore,
     Store,
+    StoreError,
     StoreExists,
     StoreFull,
     StoreLocked,
@@ -33,8 +34,9 @@ from dedupblk.store import (
 )
 from dedupblk.store import backend as backend_module
 from dedupblk.store import meta as meta_module
+from dedupblk.store.fingerprint import xxh3_128
 from dedupblk.store.format import FORMAT, KEY_FORMAT, Fingerprint
-from dedupblk.store.store import GROUP_SECONDS
+from dedupblk.store.store import GROUP_PAGES, GROUP_SECONDS
 from tests.conftest import SMALL, allocated_bytes, rand_page
 
 P = 4096
@@ -550,3 +552,65 @@ def test_discard_never_fails_for_space_but_write_zeroes_may(tmp_path: Path) -> N
         store.trim(100, 50)  # now there is room: the partial page is zeroed
         assert store.read(0, P) == rand_page(1)[:100] + bytes(50) + rand_page(1)[150:]
     assert check_store(path).problems == []
+
+
+def test_a_request_waits_for_a_few_pages_of_a_commit_not_all_of_them(tmp_path: Path) -> None:
+    # The committer thread applies a batch holding the store's lock: a request arriving then
+    # waits until the batch lets the lock go, every YIELD_PAGES pages, not until the batch is done.
+    path = str(tmp_path / "s")
+    create_store(path, 8 << 20)
+    fingerprinted = 0
+    applying = threading.Event()
+
+    def slow_fingerprint(page: bytes) -> Fingerprint:
+        nonlocal fingerprinted
+        fingerprinted += 1
+        if fingerprinted == 10:
+            applying.set()
+        time.sleep(0.001)  # a batch long enough to arrive in the middle of
+        return xxh3_128(page)
+
+    pages = [rand_page(n) for n in range(GROUP_PAGES)]
+    with open_store(path, fingerprint=slow_fingerprint) as store:
+        assert store.volatile is None  # durable: the committer thread applies the batch
+        store.write(0, b"".join(pages))  # a full buffer, handed to the committer
+        assert applying.wait(10)
+        store.write(GROUP_PAGES * P, rand_page(-1))
+        served_after = fingerprinted
+        assert served_after < GROUP_PAGES
+        assert store.read(GROUP_PAGES * P, P) == rand_page(-1)
+        store.flush()
+        assert store.read(0, GROUP_PAGES * P) == b"".join(pages)
+
+
+def test_close_while_another_thread_writes_does_not_wait_forever(tmp_path: Path) -> None:
+    # close begins a write transaction of its own: never while the committer, which lets the
+    # store's lock go in the middle of a batch, holds LMDB's writer lock waiting to get it back.
+    path = str(tmp_path / "s")
+    create_store(path, 16 << 20)
+    applying = threading.Event()
+
+    def slow_fingerprint(page: bytes) -> Fingerprint:
+        applying.set()
+        time.sleep(0.0002)
+        return xxh3_128(page)
+
+    store = open_store(path, fingerprint=slow_fingerprint)
+    written: list[int] = []
+
+    def writer() -> None:
+        for page in range(3 * GROUP_PAGES):
+            try:
+                store.write(page * P, rand_page(page))
+            except StoreError:
+                return  # closed under it
+            written.append(page)
+
+    threading.Thread(target=writer, daemon=True).start()
+    assert applying.wait(10)
+    closer = threading.Thread(target=store.close, daemon=True)
+    closer.start()
+    closer.join(60)
+    assert not closer.is_alive()
+    with open_store(path, readonly=True) as reopened:
+        assert reopened.check().problems == []
