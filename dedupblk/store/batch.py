@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 import struct
 from array import array
-from collections.abc import Callable
 from typing import Any
 
 from ..errors import BackendError, DedupblkError, FormatError, StoreFull
@@ -56,11 +55,6 @@ _EMPTY_MAP_CHUNK = bytes(MAP_CHUNK_PAGES * 4)
 _EMPTY_REF_CHUNK = bytes(REF_CHUNK_SLOTS)
 _EMPTY_FP_CHUNK = bytes(FP_CHUNK_SLOTS * 4)
 _NONZERO = re.compile(b"[^\x00]")
-# A batch the committer thread applies lets the store's lock go after every this many pages
-# (``let_others_in``), so that a request waits for a few pages of the batch, not all of it.
-# What the batch reads meanwhile is its own or does not change until it is committed (see
-# `dedupblk.store.store`'s module docstring).
-YIELD_PAGES = 32
 
 
 class WriteFailed(Exception):
@@ -127,7 +121,6 @@ class Batch:
         counts: SlotCounts,
         start_writeback: bool,
         new_data: bool = True,
-        let_others_in: Callable[[], None] | None = None,
     ) -> None:
         self.txn = txn
         self.meta = meta
@@ -171,7 +164,6 @@ class Batch:
         self._run_start = self._run_next = self._run_end = 0
         self._unreleased = counts.unreleased
         self._unpunched: list[int] | None = None  # `counts.unpunched`, descending, when needed
-        self.let_others_in = let_others_in  # see `YIELD_PAGES`
 
     # -- records, read once into private copies ------------------------------------------------
 
@@ -234,8 +226,6 @@ class Batch:
         chunk_no, chunk, first, end = -1, bytearray(), 0, 0
         mapped = fills = lost = 0  # changes to the state's counters
         applied = placed = 0  # pages applied; new slots (and index entries) made inline
-        let_others_in = self.let_others_in
-        yield_at = YIELD_PAGES if let_others_in is not None else -1  # see `YIELD_PAGES`
         for page, (kind, word, content) in sorted(batch.items()):  # consecutive pages share a
             if page >= end:  # map chunk (and the pages are unique: no entries are compared)
                 chunk_no = page // MAP_CHUNK_PAGES
@@ -299,10 +289,6 @@ class Batch:
                 fill_words[page] = word
                 fill_deletes.discard(page)
             applied += 1
-            if applied == yield_at:
-                assert let_others_in is not None
-                let_others_in()
-                yield_at += YIELD_PAGES
             if new == old:
                 continue  # the same slot again, or a fill whose word was just replaced
             pack_u32(chunk, at, new)

@@ -8,12 +8,7 @@ Group commit: `Store.write` classifies pages and keeps them in a bounded buffer 
 applies in one LMDB write transaction each (`dedupblk.store.batch`). A full buffer is handed over
 and a new one fills while the committer works: at most one full buffer waits, so at most three
 are in memory. The committer syncs (data, then metadata: the format's write order) without the
-store's lock, so requests go on meanwhile; they see every page handed over. It lets the lock go
-for a moment every `dedupblk.store.batch.YIELD_PAGES` pages of a batch too: what a batch reads
-meanwhile is its own copies of the records, the write transaction (the committer's alone), the
-slot cache and the slot counts, which change only when a commit is done (`_committed`, the
-committer's) or at a flush, which first waits for the committer; a reader finds the batch's pages
-in `_committing`, and the read transaction it begins is dropped at the commit. `Store.commit` and
+store's lock, so requests go on meanwhile; they see every page handed over. `Store.commit` and
 `Store.flush` wait until everything accepted is committed (flush: and durable). A caller that
 commits every batch itself (the ublk server over a volatile store, once per pass) opens the store
 with ``group_commit=False``: no committer thread then, and each commit runs in its thread. A
@@ -749,10 +744,10 @@ class Store:
             self._wake.wait(1.0)
 
     def _wait_for_no_batch(self) -> None:
-        """Wait (the lock let go) until the committer applies no batch and none waits for it.
-        A write transaction begun in another thread waits for LMDB's writer lock, which the
-        committer holds in the middle of a batch, while it waits for the store's lock there
-        (`_let_others_in`): such a transaction begins only after this, the lock held."""
+        """Wait (the lock let go) until the committer commits no batch and none waits for it,
+        before a write transaction of another thread: a batch another thread handed over since
+        this one's flush may be between its commit and `_committed` (its syncs run without the
+        lock), and a state record written then would be the one before that batch."""
         self._wait_for_committer(lambda: self._committing is None and not self._sealed)
 
     def _committer_loop(self) -> None:
@@ -870,16 +865,6 @@ class Store:
         finally:
             self._lock.acquire()
 
-    def _let_others_in(self) -> None:
-        """Let the store's lock go for a moment, in the middle of the committer's batch (it
-        holds it once): ``sleep(0)`` hands the GIL on, so a thread waiting for the lock takes it
-        now, not at the next switch interval."""
-        self._lock.release()
-        try:
-            time.sleep(0)
-        finally:
-            self._lock.acquire()
-
     def _apply(self, batch: dict[int, Pending], *, new_data: bool, unlock: bool) -> Batch:
         """Run one commit of ``batch``; with ``new_data`` False, pages that would need a new slot
         are left out. With ``unlock``, the syncs run without the store's lock."""
@@ -907,7 +892,6 @@ class Store:
                     counts=self._counts,
                     start_writeback=durable,
                     new_data=new_data,
-                    let_others_in=self._let_others_in if unlock else None,
                 )
             ]  # the last try is the one that commits
             self._applying = applied[0]

@@ -554,38 +554,9 @@ def test_discard_never_fails_for_space_but_write_zeroes_may(tmp_path: Path) -> N
     assert check_store(path).problems == []
 
 
-def test_a_request_waits_for_a_few_pages_of_a_commit_not_all_of_them(tmp_path: Path) -> None:
-    # The committer thread applies a batch holding the store's lock: a request arriving then
-    # waits until the batch lets the lock go, every YIELD_PAGES pages, not until the batch is done.
-    path = str(tmp_path / "s")
-    create_store(path, 8 << 20)
-    fingerprinted = 0
-    applying = threading.Event()
-
-    def slow_fingerprint(page: bytes) -> Fingerprint:
-        nonlocal fingerprinted
-        fingerprinted += 1
-        if fingerprinted == 10:
-            applying.set()
-        time.sleep(0.001)  # a batch long enough to arrive in the middle of
-        return xxh3_128(page)
-
-    pages = [rand_page(n) for n in range(GROUP_PAGES)]
-    with open_store(path, fingerprint=slow_fingerprint) as store:
-        assert store.volatile is None  # durable: the committer thread applies the batch
-        store.write(0, b"".join(pages))  # a full buffer, handed to the committer
-        assert applying.wait(10)
-        store.write(GROUP_PAGES * P, rand_page(-1))
-        served_after = fingerprinted
-        assert served_after < GROUP_PAGES
-        assert store.read(GROUP_PAGES * P, P) == rand_page(-1)
-        store.flush()
-        assert store.read(0, GROUP_PAGES * P) == b"".join(pages)
-
-
-def test_close_while_another_thread_writes_does_not_wait_forever(tmp_path: Path) -> None:
-    # close begins a write transaction of its own: never while the committer, which lets the
-    # store's lock go in the middle of a batch, holds LMDB's writer lock waiting to get it back.
+def test_close_while_another_thread_writes_leaves_a_store_that_checks_clean(tmp_path: Path) -> None:
+    # close writes the store's state record: only once no batch another thread handed over is
+    # between its commit and its counting (the committer syncs and commits without the lock).
     path = str(tmp_path / "s")
     create_store(path, 16 << 20)
     applying = threading.Event()
