@@ -55,8 +55,8 @@ def _counted(body: Callable[[], None]) -> collections.Counter[str]:
 
     def trace(frame: FrameType, event: str, arg: Any) -> Any:
         frame.f_trace_opcodes = True
-        if event == "opcode":
-            code = frame.f_code
+        code = frame.f_code
+        if event == "opcode" and code.co_filename != __file__:  # the store's, not this loop's
             counts[f"{os.path.basename(code.co_filename)}:{code.co_name}"] += 1
         return trace
 
