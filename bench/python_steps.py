@@ -98,7 +98,7 @@ def main() -> int:
     parser.add_argument("--pages", type=int, default=4096)
     parser.add_argument("--top", type=int, default=6, help="functions shown for each row")
     args = parser.parse_args()
-    store_module.GROUP_SECONDS = 1e9  # type: ignore[misc]  (see the module docstring)
+    store_module.GROUP_SECONDS = 1e9  # see the module docstring
     print(f"store: {os.path.dirname(store_module.__file__)}, {args.pages} pages a workload")
     print(f"{'workload':<10} {'op':<6} {'bytecodes/page':>15}  where")
     for workload in ("rand-0", "rand-50", "rand-90", "seq-0", "seq-50"):

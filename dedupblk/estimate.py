@@ -364,7 +364,7 @@ class _Scan:
         add = self.counter.add
         for at in range(0, len(data), PAGE_SIZE):
             page = data[at : at + PAGE_SIZE]
-            kind, _ = classify(page)
+            kind = classify(page)[0]
             if kind == ZERO:
                 continue
             number = first + (at >> PAGE_SHIFT)

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import BackendError, DedupblkError, FormatError, StoreFull
 from .backend import Backend
-from .fingerprint import DATA, ZERO, FingerprintFn
+from .fingerprint import DATA, ZERO, Classified, FingerprintFn
 from .format import (
     FILL_ENTRY,
     FIRST_DATA_SLOT,
@@ -41,9 +41,8 @@ from .format import (
 )
 from .meta import Meta
 
-# A pending page: (kind, fill word, page bytes for DATA).
-Pending = tuple[int, int, bytes | None]
-ZERO_PENDING: Pending = (ZERO, 0, None)
+# A pending page: what `classify` made of it.
+Pending = Classified
 
 _U32 = struct.Struct("<I")
 _unpack_u32 = _U32.unpack_from
@@ -215,13 +214,6 @@ class Batch:
         ref_chunks, fp_chunks = self.ref_chunks, self.fp_chunks
         dirty_refs, dirty_fps, dirty_buckets = self.dirty_refs, self.dirty_fps, self.dirty_buckets
         get, index_db, shift = self.get, self.meta.index, self.shift
-        unpack_u32, pack_u32, unpack_u32be, pack_slot = (
-            _unpack_u32,
-            _pack_u32,
-            _unpack_u32be,
-            _U32.pack,
-        )
-        data_kind, zero_kind = DATA, ZERO
         inline = self.may_allocate and not self.cap  # else every new page needs `_place`
         chunk_no, chunk, first, end = -1, bytearray(), 0, 0
         mapped = fills = lost = 0  # changes to the state's counters
@@ -233,11 +225,11 @@ class Batch:
                 end = first + MAP_CHUNK_PAGES
                 chunk = map_chunks.get(chunk_no) or self._map_chunk(chunk_no)
             at = (page - first) * 4
-            old: int = unpack_u32(chunk, at)[0]
-            if kind == data_kind:
+            old: int = _unpack_u32(chunk, at)[0]
+            if kind == DATA:
                 assert content is not None
                 fp = fingerprint(content)
-                head: int = unpack_u32be(fp)[0]
+                head: int = _unpack_u32be(fp)[0]
                 bucket_no = head >> shift
                 bucket = buckets.get(bucket_no)
                 if bucket is None:
@@ -246,8 +238,8 @@ class Batch:
                 tag = fp[4:6]
                 known = targets.get(fp)
                 n2 = len(bucket) // 3  # bytes of the tag region: 2 of every 6
+                new = -1  # not placed here: `_place` places it
                 if known is not None:  # `_place`'s first test
-                    new = -1
                     if (new_data.get(known) or cache.get(known)) == content:
                         if known == old:
                             new = old
@@ -257,11 +249,6 @@ class Batch:
                             if refs[i] < max_share:
                                 refs[i] += 1  # its chunk is dirty since it was placed
                                 new = known
-                    if new < 0:
-                        try:
-                            new = place(content, old, fp, head, bucket_no, bucket, tag)
-                        except _NeedsSlot:
-                            continue  # dropped: the page keeps its committed content
                 elif inline and (not n2 or bucket.find(tag, 0, n2) == -1):
                     new = allocate()  # `_place`'s last case
                     new_data[new] = content
@@ -270,19 +257,19 @@ class Batch:
                     dirty_refs.add(cno)
                     fno = new // FP_CHUNK_SLOTS
                     fps = fp_chunks.get(fno) or self._fp_chunk(fno)
-                    pack_u32(fps, (new - fno * FP_CHUNK_SLOTS) * 4, head)
+                    _pack_u32(fps, (new - fno * FP_CHUNK_SLOTS) * 4, head)
                     dirty_fps.add(fno)
                     bucket[n2:n2] = tag
-                    bucket += pack_slot(new)
+                    bucket += _U32.pack(new)
                     dirty_buckets.add(bucket_no)
                     targets[fp] = new
                     placed += 1
-                else:
+                if new < 0:
                     try:
                         new = place(content, old, fp, head, bucket_no, bucket, tag)
                     except _NeedsSlot:
                         continue  # dropped: the page keeps its committed content
-            elif kind == zero_kind:
+            elif kind == ZERO:
                 new = 0
             else:
                 new = FILL_ENTRY
@@ -291,7 +278,7 @@ class Batch:
             applied += 1
             if new == old:
                 continue  # the same slot again, or a fill whose word was just replaced
-            pack_u32(chunk, at, new)
+            _pack_u32(chunk, at, new)
             dirty_map.add(chunk_no)
             if old:
                 if old < LOST_ENTRY:
@@ -430,20 +417,14 @@ class Batch:
 
     def _unindex(self, bucket_no: int, slot: int) -> None:
         """Remove ``slot``'s entry from its bucket, if it has one."""
-        bucket = self.buckets.get(bucket_no)
-        if bucket is None:
-            bucket = self._bucket(bucket_no)
-        n2 = len(bucket) // 3  # where the slots start: after n tags of 2 bytes
+        bucket = self._bucket(bucket_no)
+        n = len(bucket) // 6
         key = _U32.pack(slot)
-        at = bucket.find(key, n2)
-        while at != -1 and (at - n2) & 3:
+        at = bucket.find(key, n * 2)
+        while at != -1 and (at - n * 2) % 4:
             at = bucket.find(key, at + 1)
         if at != -1:
-            del bucket[at : at + 4]
-            i = (at - n2) >> 1  # its tag's offset
-            del bucket[i : i + 2]
-            self.dirty_buckets.add(bucket_no)
-            self.state.index_entries -= 1
+            self._remove_entry(bucket_no, n, (at - n * 2) // 4)
 
     def _remove_entry(self, bucket_no: int, n: int, i: int) -> None:
         bucket = self._bucket(bucket_no)
@@ -526,12 +507,8 @@ class Batch:
     def _drop_references(self) -> None:
         """Apply the decrements; a slot whose last reference went dies here: its index entry
         goes with it, in the same transaction."""
-        ref_chunks, fp_chunks, dirty_refs, dead = (
-            self.ref_chunks,
-            self.fp_chunks,
-            self.dirty_refs,
-            [],
-        )
+        ref_chunks, fp_chunks, dirty_refs = self.ref_chunks, self.fp_chunks, self.dirty_refs
+        dead: list[int] = []
         for slot, drop in self.decrements.items():
             cno = slot // REF_CHUNK_SLOTS
             refs = ref_chunks.get(cno) or self._ref_chunk(cno)

@@ -25,14 +25,21 @@ DATA = 2
 xxh3_128 = cast(FingerprintFn, xxhash.xxh3_128_digest)
 
 
-def classify(page: bytes) -> tuple[int, int]:
-    """(ZERO, 0), (FILL, word) for one non-zero 8-byte word repeated, or (DATA, 0)."""
+# A classified page: (kind, fill word, the page's bytes for DATA). The store keeps it as is, as
+# the page's pending entry (`dedupblk.store.batch.Pending`), so a page is classified once.
+Classified = tuple[int, int, bytes | None]
+ZERO_CLASSIFIED: Classified = (ZERO, 0, None)
+
+
+def classify(page: bytes) -> Classified:
+    """(ZERO, 0, None); (FILL, word, None) for one non-zero 8-byte word repeated; or (DATA, 0,
+    page)."""
     if page == ZERO_PAGE:
-        return ZERO, 0
+        return ZERO_CLASSIFIED
     head = page[:8]
     if page[-8:] == head and page == head * WORDS_PER_PAGE:
-        return FILL, int.from_bytes(head, "little")
-    return DATA, 0
+        return FILL, int.from_bytes(head, "little"), None
+    return DATA, 0, page
 
 
 def fill_page(word: int) -> bytes:

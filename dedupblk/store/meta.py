@@ -18,7 +18,7 @@ import logging
 import os
 import struct
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import lmdb
 
@@ -71,19 +71,22 @@ class damaged_metadata:  # noqa: N801  (used as a function: ``with damaged_metad
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any
     ) -> None:
-        if isinstance(exc, METADATA_ERRORS) and not isinstance(exc, lmdb.MapFullError):
-            raise damaged(self.where, exc) from exc
+        if isinstance(exc, METADATA_ERRORS):
+            raise_damaged(self.where, exc)
 
 
-# What LMDB or a record decoder raises on damaged metadata (`lmdb.MapFullError` aside: a full
-# map is no damage). A hot path catches these itself and raises `damaged` (a ``try`` costs
-# nothing until it catches; a ``with`` costs a call on the way in and one on the way out).
+# What LMDB or a record decoder raises on damaged metadata. A hot path catches these itself and
+# calls `raise_damaged` (a ``try`` costs nothing until it catches; a ``with`` costs a call on the
+# way in and one on the way out).
 METADATA_ERRORS = (lmdb.Error, struct.error, UnicodeDecodeError)
 
 
-def damaged(where: str, exc: BaseException) -> FormatError:
-    """The one `FormatError` for damaged metadata, as `damaged_metadata` raises it."""
-    return FormatError(f"{where}: the metadata is damaged ({exc}); see `dedupblk check`")
+def raise_damaged(where: str, exc: BaseException) -> NoReturn:
+    """Raise the one `FormatError` for damaged metadata in place of ``exc``, one of
+    `METADATA_ERRORS`; but ``exc`` itself if it is `lmdb.MapFullError`: a full map is no damage."""
+    if isinstance(exc, lmdb.MapFullError):
+        raise exc
+    raise FormatError(f"{where}: the metadata is damaged ({exc}); see `dedupblk check`") from exc
 
 
 def read_format(env: Any, info: Any, where: str) -> int:

@@ -40,8 +40,6 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, Protocol
 
-import lmdb
-
 from ..errors import (
     BackendError,
     BackendMismatch,
@@ -56,18 +54,9 @@ from ..errors import (
 )
 from ..fsinfo import in_memory
 from .backend import Backend
-from .batch import ZERO_PENDING, Batch, Pending, SlotCounts, WriteFailed
+from .batch import Batch, Pending, SlotCounts, WriteFailed
 from .check import CheckResult, Progress, damaged_structure, run_checks
-from .fingerprint import (
-    DATA,
-    FILL,
-    WORDS_PER_PAGE,
-    ZERO,
-    ZERO_PAGE,
-    FingerprintFn,
-    fill_page,
-    xxh3_128,
-)
+from .fingerprint import DATA, ZERO, ZERO_PAGE, FingerprintFn, classify, fill_page, xxh3_128
 from .format import (
     DATA_FILE,
     FILL_ENTRY,
@@ -86,7 +75,7 @@ from .format import (
     map_key,
 )
 from .lock import StoreLock
-from .meta import METADATA_ERRORS, Meta, damaged, damaged_metadata, refuse_truncated
+from .meta import METADATA_ERRORS, Meta, damaged_metadata, raise_damaged, refuse_truncated
 from .stats import Statistics, statistics_of
 
 log = logging.getLogger(__name__)
@@ -402,9 +391,7 @@ class Store:
                     chunk: list[Any] = [None, -1]  # a map chunk the pages share, and its number
                     data = b"".join([self._page(page, chunk) for page in range(first, last + 1)])
             except METADATA_ERRORS as exc:  # `damaged_metadata`, without its calls
-                if isinstance(exc, lmdb.MapFullError):
-                    raise
-                raise damaged(self.path, exc) from exc
+                raise_damaged(self.path, exc)
             start = offset - (first << PAGE_SHIFT)
             if start == 0 and length == len(data):
                 return data
@@ -600,16 +587,9 @@ class Store:
 
     def _accept(self, page: int, content: bytes) -> None:
         """Classify a full page and put it in the pending batch, committing first when the batch is
-        full or could need more slots than are free. (`classify`, inline: this runs for every
-        page written.)"""
-        if content == ZERO_PAGE:
-            entry, data = ZERO_PENDING, 0
-        else:
-            head = content[:8]
-            if content[-8:] == head and content == head * WORDS_PER_PAGE:
-                entry, data = (FILL, int.from_bytes(head, "little"), None), 0
-            else:
-                entry, data = (DATA, 0, content), 1
+        full or could need more slots than are free."""
+        entry = classify(content)
+        data = 1 if entry[0] == DATA else 0  # slots it may need
         pending = self._pending
         previous = pending.get(page)
         if previous is not None and previous[0] == DATA:
@@ -684,20 +664,13 @@ class Store:
             added = 0
             at = pos + (done << PAGE_SHIFT)
             for n in range(page + done, page + done + run):
-                content = bytes(data[at : at + PAGE_SIZE])
-                at += PAGE_SIZE
                 previous = pending.get(n)
                 if previous is not None and previous[0] == DATA:
                     added -= 1
-                if content == ZERO_PAGE:
-                    pending[n] = ZERO_PENDING
-                    continue
-                head = content[:8]
-                if content[-8:] == head and content == head * WORDS_PER_PAGE:
-                    pending[n] = (FILL, int.from_bytes(head, "little"), None)  # as `classify`
-                else:
-                    pending[n] = (DATA, 0, content)
+                entry = pending[n] = classify(bytes(data[at : at + PAGE_SIZE]))
+                if entry[0] == DATA:
                     added += 1
+                at += PAGE_SIZE
             self._pending_data += added
             done += run
             if len(pending) >= GROUP_PAGES:

@@ -567,7 +567,6 @@ def test_close_while_another_thread_writes_leaves_a_store_that_checks_clean(tmp_
         return xxh3_128(page)
 
     store = open_store(path, fingerprint=slow_fingerprint)
-    written: list[int] = []
 
     def writer() -> None:
         for page in range(3 * GROUP_PAGES):
@@ -575,7 +574,6 @@ def test_close_while_another_thread_writes_leaves_a_store_that_checks_clean(tmp_
                 store.write(page * P, rand_page(page))
             except StoreError:
                 return  # closed under it
-            written.append(page)
 
     threading.Thread(target=writer, daemon=True).start()
     assert applying.wait(10)
